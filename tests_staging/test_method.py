@@ -1,0 +1,244 @@
+import json
+import math
+import os
+
+import numpy as np
+import pytest
+import torch
+from torch.distributions import Normal, kl_divergence
+
+import data
+import train
+import vae
+
+
+# ------------------------------------------------------------------ loss, KL, gamma (vae.py)
+def test_loss_equals_hand_computation():
+    x = torch.tensor([[0.0, 1.0], [0.5, 0.25]])
+    x_hat = torch.tensor([[0.2, 0.6], [0.5, 0.75]])
+    mu = torch.tensor([[0.0], [1.0]])
+    logsd = torch.tensor([[0.0], [math.log(0.5)]])
+    gamma, k = torch.tensor(0.5), 3.0
+    loss, mse, kl = vae.vae_loss(x, x_hat, mu, logsd, gamma, k)
+    # by hand: squared errors 0.04 + 0.16 = 0.2 and 0 + 0.25 = 0.25, D = 2 values per sample
+    gen = [s / (2 * 0.25) + 2 * math.log(0.5) + 2 * 0.5 * math.log(2 * math.pi) for s in (0.2, 0.25)]
+    kls = [0.0, 0.5 * (1 + 0.25 - math.log(0.25) - 1)]
+    assert mse.item() == pytest.approx((0.2 + 0.25) / 4, abs=1e-7)
+    assert kl.item() == pytest.approx(sum(kls) / 2, abs=1e-6)
+    assert loss.item() == pytest.approx(sum(g + k * q for g, q in zip(gen, kls)) / 2, abs=1e-5)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_kl_equals_torch_distributions(seed):
+    g = torch.Generator().manual_seed(seed)
+    mu, logsd = torch.randn(5, 7, generator=g), torch.randn(5, 7, generator=g)
+    ref = kl_divergence(Normal(mu, logsd.exp()), Normal(0.0, 1.0)).sum(1)
+    torch.testing.assert_close(vae.kl_divergence(mu, logsd), ref)
+
+
+def test_computed_gamma_follows_the_rule():
+    g = vae.ComputedGamma()
+    est, seen = 1.0, []
+    for batch_mse in [0.5, 2.0, 0.1, 0.1, 3.0, 0.01]:
+        g.update(torch.tensor(batch_mse))
+        est = min(est, 0.99 * est + 0.01 * batch_mse)
+        seen.append(g().item())
+        assert g().item() == pytest.approx(math.sqrt(est), rel=1e-6)
+    assert seen[0] == pytest.approx(math.sqrt(0.995), rel=1e-6)  # 0.99 * 1 + 0.01 * 0.5
+    assert seen[1] == seen[0]  # a batch above the estimate leaves it unchanged
+    assert seen[4] == seen[3]
+
+
+def test_computed_gamma_never_increases():
+    g, prev = vae.ComputedGamma(), 1.0
+    for batch_mse in torch.rand(500, generator=torch.Generator().manual_seed(0)) * 2:
+        g.update(batch_mse)
+        assert g().item() <= prev
+        prev = g().item()
+
+
+def test_gradients_computed_vs_learned():
+    x, x_hat = torch.rand(4, 6), torch.rand(4, 6, requires_grad=True)
+    mu, logsd = torch.zeros(4, 2), torch.zeros(4, 2)
+    computed = vae.ComputedGamma()
+    computed.update(torch.tensor(0.3))
+    gamma = computed()
+    loss, _, _ = vae.vae_loss(x, x_hat, mu, logsd, gamma)
+    loss.backward()
+    assert not gamma.requires_grad and list(computed.parameters()) == []
+    # d loss / d x_hat = (x_hat - x) / gamma^2 / batch with gamma a constant (eq. 9)
+    torch.testing.assert_close(x_hat.grad, (x_hat - x).detach() / gamma ** 2 / 4)
+    learned = vae.LearnedGamma()
+    loss, _, _ = vae.vae_loss(x, x_hat.detach(), mu, logsd, learned())
+    loss.backward()
+    # d/d log(gamma) of sse / (2 gamma^2) + D log(gamma) at gamma = 1: D - sse (batch mean), eq. 8
+    sse = (x - x_hat.detach()).square().sum(1)
+    assert learned.log_gamma.grad.item() == pytest.approx((6 - sse).mean().item(), rel=1e-5)
+
+
+# ------------------------------------------------------------------ networks
+@pytest.mark.parametrize("side,num_scale", [(16, 2), (32, 3), (64, 4)])
+def test_stage1_shapes(side, num_scale):
+    m = vae.VAE(side, latent_dim=8, base_dim=4, fc_dim=16, num_scale=num_scale)
+    x = torch.rand(3, 3, side, side)
+    x_hat, mu, logsd = m(x)
+    assert x_hat.shape == x.shape and mu.shape == logsd.shape == (3, 8)
+    assert 0 < x_hat.min() and x_hat.max() < 1  # sigmoid output
+    assert len(m.resample) == (num_scale - 1) + (int(math.log2(side)) - 1)  # down- and up-sampling convs
+
+
+def test_stage1_matches_reference_layout():
+    # REFERENCE.md: for 32x32 with base 32 the decoder runs 512 (2x2) -> 256 -> 128 -> 64 -> 32 (32x32)
+    m = vae.VAE(32)
+    ups = [mod for mod in m.decoder.modules() if isinstance(mod, torch.nn.ConvTranspose2d)]
+    assert m.fc0.out_features == 4 * 512 and [u.out_channels for u in ups] == [256, 128, 64, 32]
+    downs = [mod for mod in m.encoder.modules() if isinstance(mod, torch.nn.Conv2d) and mod.stride == (2, 2)]
+    assert [d.out_channels for d in downs] == [64, 128]
+    bn = next(mod for mod in m.modules() if isinstance(mod, torch.nn.BatchNorm2d))
+    assert (bn.momentum, bn.eps) == (0.001, 1e-5)  # TF decay 0.999
+
+
+def test_stage2_shapes():
+    m = vae.SecondStage(latent_dim=8, dim=32, depth=3)
+    z_hat, mu, logsd = m(torch.randn(5, 8))
+    assert z_hat.shape == mu.shape == logsd.shape == (5, 8)
+    assert m.mu.in_features == 32 + 8  # skip-concatenation of the input
+
+
+@pytest.mark.parametrize("side,k", [(32, 1.0), (64, 4.0)])
+def test_kl_weight_by_pixel_count(side, k):
+    assert vae.kl_weight_for(side) == k
+    assert train.parse_args(["--dataset", "celeba" if side == 64 else "cifar10"]).kl_weight == k
+
+
+def test_variance_law_closed_form():
+    mu = torch.tensor([[1.0, 0.0], [-1.0, 0.0], [3.0, 0.0], [-3.0, 0.0]])
+    logsd = torch.log(torch.tensor([[0.1, 1.0], [0.1, 1.0], [0.1, 1.0], [0.1, 1.0]]))
+    law, e_var = vae.variance_law(mu, logsd)
+    torch.testing.assert_close(law, torch.tensor([5.0 + 0.01, 1.0], dtype=torch.float64))
+    torch.testing.assert_close(e_var, torch.tensor([0.01, 1.0], dtype=torch.float64))
+
+
+# ------------------------------------------------------------------ training (train.py)
+TINY = ["--img-size", "16", "--base-dim", "4", "--fc-dim", "16", "--latent-dim", "8", "--num-scale", "2",
+        "--second-dim", "16", "--batch-size", "10", "--lr", "2e-3", "--seed", "3", "--sample-every", "2"]
+
+
+@pytest.fixture
+def tiny(tmp_path, monkeypatch):
+    """60 smooth 16x16 training images (and 30 test) served in place of a data set."""
+    yy, xx = np.mgrid[0:16, 0:16] / 15
+    rng = np.random.default_rng(0)
+    def images(n):
+        a, b, c = rng.uniform(0, 1, (3, n, 1, 1))
+        return (np.stack([a * xx, b * yy, c * (1 - xx)], -1) * 255).round().astype(np.uint8)
+    splits = {"train": images(60), "test": images(30)}
+    monkeypatch.setattr(data, "load_split", lambda dataset, split, *a, **k: splits[split])
+    monkeypatch.setattr(train, "STOP", [])
+    out = str(tmp_path / "run")
+    return lambda *argv: train.main([*TINY, "--dataset", "folder", "--out", out, *argv]), out
+
+
+def metrics(out):
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        rows = [json.loads(line) for line in f]
+    for r in rows:
+        del r["seconds"], r["images_per_s"]
+    return rows
+
+
+def test_training_lowers_mse_and_writes_outputs(tiny):
+    run, out = tiny
+    run("--epochs", "4")
+    rows = metrics(out)
+    assert [r["epoch"] for r in rows] == [1, 2, 3, 4] and rows[-1]["mse"] < rows[0]["mse"]
+    assert all(r["gamma"] <= 1 for r in rows) and rows[-1]["gamma"] < rows[0]["gamma"]
+    assert set(rows[0]) >= {"stage", "epoch", "loss", "kl", "mse", "gamma", "var_law", "inactive", "lr"}
+    for name in ("stage1.pt", "latent_variance.png", "gamma.png", "recon_e0004.png", "samples_e0002.png"):
+        assert os.path.exists(os.path.join(out, name)), name
+    ck = torch.load(os.path.join(out, "stage1.pt"), weights_only=True)
+    assert ck["epoch"] == 4 and ck["model"]["gamma.mse_est"].item() == pytest.approx(rows[-1]["gamma"] ** 2, rel=1e-5)
+
+
+def test_stage2_trains_from_stage1_and_eval_writes_table(tiny, capsys):
+    run, out = tiny
+    run("--epochs", "2")
+    run("--stage", "2", "--epochs", "2")
+    rows = metrics(out)
+    assert [(r["stage"], r["epoch"]) for r in rows] == [(1, 1), (1, 2), (2, 1), (2, 2)]
+    assert os.path.exists(os.path.join(out, "samples_stage2_e0002.png"))
+    run("--eval", "--no-fid", "--n-eval", "25")
+    res = json.load(open(os.path.join(out, "eval.json")))
+    assert set(res) >= {"rec_fid", "gen1_fid", "gen2_fid", "mse", "var_law", "inactive", "n", "inception", "latent_norm"}
+    assert res["n"] == 25 and res["rec_fid"] is None and res["inception"] is None and 0 < res["mse"] < 1
+    assert "REC" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("stage", [1, 2])
+def test_resume_equals_uninterrupted(tiny, tmp_path, stage):
+    run, out = tiny
+    if stage == 2:
+        run("--epochs", "1")
+    run("--stage", str(stage), "--epochs", "3")
+    straight = metrics(out)
+    os.rename(out, str(tmp_path / "straight"))
+    if stage == 2:
+        run("--epochs", "1")
+    run("--stage", str(stage), "--epochs", "2")
+    run("--stage", str(stage), "--epochs", "3", "--resume")
+    assert metrics(out) == straight
+
+
+def test_interrupt_mid_epoch_then_resume(tiny, tmp_path, monkeypatch):
+    run, out = tiny
+    run("--epochs", "2")
+    straight = metrics(out)
+    os.rename(out, str(tmp_path / "straight"))
+    calls = []
+    real_update = vae.ComputedGamma.update
+    def update(self, batch_mse):  # a SIGINT arriving during the 9th step (epoch 2, step 3)
+        real_update(self, batch_mse)
+        calls.append(1)
+        if len(calls) == 9:
+            train.STOP.append(2)
+    monkeypatch.setattr(vae.ComputedGamma, "update", update)
+    with pytest.raises(SystemExit) as e:
+        run("--epochs", "2")
+    assert e.value.code == 130
+    ck = torch.load(os.path.join(out, "stage1.pt"), weights_only=True)
+    assert (ck["epoch"], ck["step"]) == (1, 3)
+    monkeypatch.setattr(train, "STOP", [])
+    run("--epochs", "2", "--resume")
+    assert metrics(out) == straight
+
+
+def test_non_finite_loss_stops_and_keeps_last_checkpoint(tiny, monkeypatch, capsys):
+    run, out = tiny
+    real_loss = vae.vae_loss
+    calls = []
+    def loss(*a, **k):
+        calls.append(1)
+        l, mse, kl = real_loss(*a, **k)
+        return (l * float("nan") if len(calls) == 8 else l), mse, kl
+    monkeypatch.setattr(vae, "vae_loss", loss)
+    with pytest.raises(SystemExit):
+        run("--epochs", "3")
+    assert "non-finite loss at epoch 2, step 2" in capsys.readouterr().err
+    assert torch.load(os.path.join(out, "stage1.pt"), weights_only=True)["epoch"] == 1
+    assert [r["epoch"] for r in metrics(out)] == [1]
+
+
+def test_clear_errors(tiny, capsys):
+    run, out = tiny
+    def fails(*argv):
+        with pytest.raises(SystemExit):
+            run(*argv)
+        return capsys.readouterr().err
+    assert "train stage 1 first" in fails("--stage", "2", "--epochs", "1")
+    run("--epochs", "1")
+    assert "--resume" in fails("--epochs", "2")
+    assert "--img-size 16" in fails("--epochs", "2", "--resume", "--img-size", "32")
+    path = os.path.join(out, "stage1.pt")
+    with open(path, "r+b") as f:
+        f.truncate(os.path.getsize(path) // 2)
+    assert "truncated or corrupt" in fails("--epochs", "2", "--resume")

@@ -1,0 +1,254 @@
+"""The two-stage VAE of Dai & Wipf with the balancing factor gamma *computed* (Asperti & Trentin 2020).
+
+What is here, with the paper's numbering:
+- `kl_divergence`: eq. 3, the closed-form KL between N(mu, sigma^2) and N(0, I).
+- `vae_loss`: eq. 7 summed over the D pixels x channels (Dai & Wipf's generative loss), plus
+  k * eq. 3; with gamma held constant it is eq. 9 up to additive constants.
+- `ComputedGamma`: the paper's contribution (section 3). Eq. 8 puts the minimum of eq. 7 at
+  gamma^2 = mse, so gamma is not learned but set from a running estimate of the mse.
+- `LearnedGamma`: Dai & Wipf's trainable log-gamma, the baseline of Tables 2-3.
+- `VAE`: the stage-1 "ResNet" network (paper Fig. 1; network/util.py and two_stage_vae_model.py
+  of Dai & Wipf's code). `SecondStage`: the stage-2 VAE on latents.
+- `variance_law`: eq. 6 per latent, and the inactive count of footnote 3.
+
+Deviations from the paper and the reference code:
+- k (KL weight) = pixels / 1024, the paper's rule (section 4.2: 4x the pixels, 4x the KL). The
+  released code uses (2 * side / latent_dim)^2; the two agree for the paper's settings (64 latents)
+  and differ for other latent sizes.
+- Stride-2 'same' convolutions: PyTorch pads (1, 1) where TF pads (0, 1); same output sizes,
+  a one-pixel shift of the sampling grid, immaterial for a network trained from scratch.
+- Batch norm's running variance: PyTorch updates it with the unbiased batch variance, TF with
+  the biased one; at 100 x H x W values per channel the factor n / (n - 1) is below 1.0001.
+- The decoder's first dense output is reshaped channels-first (C, 2, 2) instead of TF's
+  (2, 2, C): a fixed permutation of a freshly initialised layer, so the same model family.
+"""
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+HALF_LOG_TWO_PI = 0.5 * math.log(2 * math.pi)
+
+
+# ---------------------------------------------------------------------------------------------
+# Loss: eq. 3, 7 and 9
+# ---------------------------------------------------------------------------------------------
+def kl_divergence(mu, logsd):
+    """eq. 3 summed over latents: 1/2 sum(mu^2 + sigma^2 - log sigma^2 - 1), one value per sample."""
+    return 0.5 * (mu.square() + (2 * logsd).exp() - 2 * logsd - 1).sum(1)
+
+
+def vae_loss(x, x_hat, mu, logsd, gamma, kl_weight=1.0):
+    """Per-sample sum over the D pixels x channels of eq. 7, plus kl_weight * eq. 3, batch mean.
+
+    Returns (loss, mse, kl): mse is the batch mean over samples, pixels and channels (the quantity
+    gamma^2 tracks), kl the batch mean of eq. 3. Everything is computed in float32.
+    """
+    x, x_hat, mu, logsd = x.float(), x_hat.float(), mu.float(), logsd.float()
+    D = x[0].numel()
+    sse = (x - x_hat).square().flatten(1).sum(1)
+    # eq. 7 summed over D: sum (x - x_hat)^2 / (2 gamma^2) + D log gamma + D log(2 pi) / 2
+    gen = sse / (2 * gamma.square()) + D * (torch.log(gamma) + HALF_LOG_TWO_PI)
+    kl = kl_divergence(mu, logsd)
+    return (gen + kl_weight * kl).mean(), sse.mean() / D, kl.mean()
+
+
+def kl_weight_for(side):
+    """k by pixel count (paper 4.2): 1 for CIFAR-10's 32x32, 4 for CelebA's 64x64."""
+    return side * side / 1024
+
+
+# ---------------------------------------------------------------------------------------------
+# gamma: computed (the paper) or learned (Dai & Wipf)
+# ---------------------------------------------------------------------------------------------
+class ComputedGamma(nn.Module):
+    """gamma = sqrt(mse_est), the paper's rule (section 3), stepped once per minibatch:
+
+        mse_est <- min(mse_est, 0.99 * mse_est + 0.01 * batch_mse),   mse_est starts at 1.0
+
+    - batch_mse is the mean over batch, pixels and channels of (x - x_hat)^2 of the minibatch
+      just trained on; the update runs after the optimizer step, so each step's loss uses the
+      estimate from the previous minibatches (as the released code feeds gamma in).
+    - The min makes gamma monotonically non-increasing: a batch above the estimate leaves it
+      unchanged; a batch below pulls it down by 1% of the gap (a moving average of the improving
+      batches only).
+    - gamma is a buffer, not a parameter: it enters the loss as a constant (no gradient), and it
+      is saved in the state_dict, so a checkpoint resumes the same estimate.
+    The update is one min and one lerp of device tensors, so it needs no host synchronisation.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("mse_est", torch.tensor(1.0))
+
+    def forward(self):
+        return self.mse_est.sqrt()
+
+    @torch.no_grad()
+    def update(self, batch_mse):
+        self.mse_est.copy_(torch.minimum(self.mse_est, 0.99 * self.mse_est + 0.01 * batch_mse.float()))
+
+
+class LearnedGamma(nn.Module):
+    """Dai & Wipf's gamma = exp(log_gamma), log_gamma a trainable scalar starting at 0 (gamma = 1),
+    trained by the same optimizer as the networks through eq. 7's gradient (eq. 8)."""
+
+    def __init__(self):
+        super().__init__()
+        self.log_gamma = nn.Parameter(torch.zeros(()))
+
+    def forward(self):
+        return self.log_gamma.exp()
+
+    def update(self, batch_mse):
+        pass  # learned by gradient descent instead
+
+
+GAMMAS = {"computed": ComputedGamma, "learned": LearnedGamma}
+
+
+# ---------------------------------------------------------------------------------------------
+# Networks
+# ---------------------------------------------------------------------------------------------
+def conv3x3(cin, cout, stride=1):
+    return nn.Conv2d(cin, cout, 3, stride, padding=1)
+
+
+class ResBlock(nn.Module):
+    """res_block: depth x (batch norm -> ReLU -> conv3x3), plus a conv3x3 shortcut."""
+
+    def __init__(self, cin, cout, depth):
+        super().__init__()
+        # decay 0.999 in TF is momentum 0.001 in PyTorch's convention
+        self.body = nn.Sequential(*[m for i in range(depth) for m in (
+            nn.BatchNorm2d(cin if i == 0 else cout, eps=1e-5, momentum=0.001), nn.ReLU(),
+            conv3x3(cin if i == 0 else cout, cout))])
+        self.shortcut = conv3x3(cin, cout)
+
+    def forward(self, x):
+        return self.body(x) + self.shortcut(x)
+
+
+class FcResBlock(nn.Module):
+    """res_fc_block: depth x (ReLU -> dense), plus a dense shortcut (no batch norm)."""
+
+    def __init__(self, cin, cout, depth):
+        super().__init__()
+        self.body = nn.Sequential(*[m for i in range(depth) for m in (nn.ReLU(), nn.Linear(cin if i == 0 else cout, cout))])
+        self.shortcut = nn.Linear(cin, cout)
+
+    def forward(self, x):
+        return self.body(x) + self.shortcut(x)
+
+
+def scale_block(cin, cout, blocks, depth, block=ResBlock):
+    return nn.Sequential(*[block(cin if i == 0 else cout, cout, depth) for i in range(blocks)])
+
+
+def glorot_init(module):
+    """TF defaults of the reference: Glorot-uniform kernels, zero biases."""
+    for m in module.modules():
+        if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d, nn.Linear)):
+            nn.init.xavier_uniform_(m.weight)
+            nn.init.zeros_(m.bias)
+
+
+class _GaussianVAE(nn.Module):
+    """Shared by both stages: the reparametrised forward pass and the loss with this model's gamma."""
+
+    def forward(self, x):
+        mu, logsd = self.encode(x)
+        z = mu + logsd.exp() * torch.randn_like(mu)  # reparametrisation trick
+        return self.decode(z), mu, logsd
+
+    def loss(self, x, out, kl_weight):
+        return vae_loss(x, *out, self.gamma(), kl_weight)
+
+
+class VAE(_GaussianVAE):
+    """Stage 1: the "ResNet" encoder/decoder of Dai & Wipf (paper Fig. 1) for square images of side
+    `side` (a power of two). Encoder: conv3x3 -> num_scale scale blocks with stride-2 convolutions
+    doubling the channels between them -> global mean -> fc scale block -> mu, log sigma heads.
+    Decoder: dense to 2x2 -> (stride-2 transposed conv, scale block) up to `side` -> conv3x3 ->
+    sigmoid, with channels base_dim at full size, doubling per halving, capped at 1024."""
+
+    def __init__(self, side=32, latent_dim=64, base_dim=32, fc_dim=512, num_scale=3,
+                 block_per_scale=1, depth_per_block=2, gamma="computed"):
+        super().__init__()
+        if side < 4 or side & (side - 1) or side >> (num_scale - 1) < 1:
+            raise ValueError(f"image side {side} must be a power of two >= 4 and >= 2^(num_scale-1)")
+        self.gamma = GAMMAS[gamma]()
+        dims = [base_dim * 2 ** i for i in range(num_scale)]
+        enc = [conv3x3(3, dims[0])]
+        for i, d in enumerate(dims):
+            enc.append(scale_block(d, d, block_per_scale, depth_per_block))
+            if i < num_scale - 1:
+                enc.append(conv3x3(d, dims[i + 1], stride=2))  # downsample
+        self.encoder = nn.Sequential(*enc)
+        self.fc = scale_block(dims[-1], fc_dim, 1, depth_per_block, FcResBlock)
+        self.mu, self.logsd = nn.Linear(fc_dim, latent_dim), nn.Linear(fc_dim, latent_dim)
+
+        # decoder channels, from 2x2 up to side x side
+        ddims = [min(base_dim * 2 ** i, 1024) for i in range(int(math.log2(side)))][::-1]
+        self.fc0 = nn.Linear(latent_dim, 4 * ddims[0])
+        dec = []
+        for cin, cout in zip(ddims, ddims[1:]):
+            dec += [nn.ConvTranspose2d(cin, cout, 3, 2, padding=1, output_padding=1),  # upsample
+                    scale_block(cout, cout, block_per_scale, depth_per_block)]
+        self.decoder = nn.Sequential(*dec, conv3x3(ddims[-1], 3), nn.Sigmoid())
+        self.resample = [m for m in self.modules() if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d)) and m.stride == (2, 2)]
+        glorot_init(self)
+
+    def encode(self, x):
+        h = self.fc(self.encoder(x).mean((2, 3)))
+        return self.mu(h), self.logsd(h)
+
+    def decode(self, z):
+        h = self.fc0(z).view(len(z), -1, 2, 2).contiguous(memory_format=torch.channels_last)
+        return self.decoder(h)
+
+    def l2_penalty(self):
+        """sum(w^2) over the stride-2 down/up-sampling kernels (Keras l2 regulariser, paper 4.2)."""
+        return sum(m.weight.square().sum() for m in self.resample)
+
+
+class SecondStage(_GaussianVAE):
+    """Stage 2 (Dai & Wipf): a VAE on the stage-1 latents z. Encoder: `depth` dense ReLU layers of
+    width `dim`, concatenated with z, then dense mu_u, log sigma_u heads. Decoder: the same from u,
+    concatenated with u, then dense to z_hat. It has its own gamma_z."""
+
+    def __init__(self, latent_dim=64, dim=2048, depth=3, gamma="computed"):
+        super().__init__()
+        self.gamma = GAMMAS[gamma]()
+        mlp = lambda: nn.Sequential(*[m for i in range(depth) for m in (nn.Linear(latent_dim if i == 0 else dim, dim), nn.ReLU())])
+        self.enc, self.dec = mlp(), mlp()
+        self.mu, self.logsd = nn.Linear(dim + latent_dim, latent_dim), nn.Linear(dim + latent_dim, latent_dim)
+        self.z_hat = nn.Linear(dim + latent_dim, latent_dim)
+        glorot_init(self)
+
+    def encode(self, z):
+        h = torch.cat([z, self.enc(z)], 1)  # skip-concatenation with the input
+        return self.mu(h), self.logsd(h)
+
+    def decode(self, u):
+        return self.z_hat(torch.cat([u, self.dec(u)], 1))
+
+    def l2_penalty(self):
+        return 0.0
+
+
+# ---------------------------------------------------------------------------------------------
+# Latent statistics: eq. 6 and footnote 3
+# ---------------------------------------------------------------------------------------------
+def variance_law(mu, logsd):
+    """Per latent: (Var_X[mu(X)] + E_X[sigma^2(X)], E_X[sigma^2(X)]) over the rows of mu, logsd.
+
+    eq. 6 says the first should be close to 1; a latent is inactive when the second is >= 0.8
+    (footnote 3). This is the paper's sigma^2; the released evaluation code uses E[sigma] (it
+    exponentiates the log-sigma output and calls it the variance), which agrees for inactive
+    latents (sigma near 1) and is larger for active ones.
+    """
+    mu, var = mu.double(), (2 * logsd.double()).exp()
+    e_var = var.mean(0)
+    return mu.var(0, unbiased=False) + e_var, e_var
