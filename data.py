@@ -439,3 +439,46 @@ def main(argv=None):
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+# ---------------------------------------------------------------- pictures of training (PNG, no plotting library)
+
+def to_uint8(x):
+    """Float images (N, 3, H, W) in [0, 1] -> uint8 (N, H, W, 3) on the host, as images are stored."""
+    return (x.float() * 255).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+
+
+def save_heatmap(values, path, title, cell=(6, 6)):
+    """A matrix (rows, columns) of values in [0, 1] as a PNG heatmap, dark blue 0 -> yellow 1."""
+    from PIL import ImageDraw
+    anchors = np.array([[20, 30, 90], [40, 150, 140], [250, 230, 60]], float)
+    t = np.clip(values, 0, 1) * 2
+    lo = np.minimum(t.astype(int), 1)
+    rgb = (anchors[lo] + (t - lo)[..., None] * (anchors[lo + 1] - anchors[lo])).astype(np.uint8)
+    heat = Image.fromarray(rgb).resize((rgb.shape[1] * cell[0], rgb.shape[0] * cell[1]), Image.NEAREST)
+    img = Image.new("RGB", (max(heat.width, 6 * len(title)) + 20, heat.height + 40), "white")
+    img.paste(heat, (10, 30))
+    ImageDraw.Draw(img).text((10, 8), title, fill="black")
+    atomic_write(path, lambda f: img.save(f, format="PNG"))
+
+
+def save_curves(series, path, title, w=520, h=320, m=48):
+    """Curves {name: [y per epoch]} on a log-10 y axis with quarter-decade gridlines, as a PNG."""
+    from PIL import ImageDraw
+    logs = np.log10([v for s in series.values() for v in s])
+    lo, hi = logs.min() - 0.05, logs.max() + 0.05
+    to_y = lambda v: h - m - (np.log10(v) - lo) / (hi - lo) * (h - 1.5 * m)
+    img = Image.new("RGB", (w, h), "white")
+    d = ImageDraw.Draw(img)
+    d.rectangle([m, m // 2, w - m // 2, h - m], outline="black")
+    d.text((m, 6), title, fill="black")
+    for k in range(int(np.floor(lo * 4)), int(np.ceil(hi * 4)) + 1):
+        if m // 2 < to_y(10 ** (k / 4)) < h - m:
+            d.line([m, to_y(10 ** (k / 4)), w - m // 2, to_y(10 ** (k / 4))], fill=(220, 220, 220))
+            d.text((4, to_y(10 ** (k / 4)) - 5), f"{10 ** (k / 4):.3f}", fill="black")
+    for j, ((name, s), color) in enumerate(zip(series.items(), ("red", "blue", "green", "black"))):
+        pts = [(m + (i + 1) / len(s) * (w - 1.5 * m), to_y(v)) for i, v in enumerate(s)]
+        d.line(pts if len(pts) > 1 else pts * 2, fill=color, width=2)
+        d.text((w - 130, m // 2 + 6 + 12 * j), name, fill=color)
+    d.text((m, h - m + 8), f"epoch 1 .. {max(map(len, series.values()))}", fill="black")
+    atomic_write(path, lambda f: img.save(f, format="PNG"))

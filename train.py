@@ -89,7 +89,7 @@ def parse_args(argv=None):
         if getattr(args, key) is None:
             setattr(args, key, paper[key][s])
     args.l2 = paper["l2"] if args.l2 is None else args.l2
-    args.kl_weight = args.kl_weight or (vae.kl_weight_for(side) if args.stage == 1 else 1.0)
+    args.kl_weight = (vae.kl_weight_for(side) if args.stage == 1 else 1.0) if args.kl_weight is None else args.kl_weight
     args.num_scale = args.num_scale or max(1, int(math.log2(side)) - 2)
     args.second_dim = args.second_dim or (2048 if side <= 32 else 4096)
     args.out = args.out or os.path.join("runs", args.dataset)
@@ -179,80 +179,81 @@ STOP = []  # signals received; the loop saves and exits after the step in progre
 
 def train(args):
     torch.manual_seed(args.seed)
-    out, stage = args.out, args.stage
-    ckpt_path = os.path.join(out, f"stage{stage}.pt")
-    cfg = {k: getattr(args, k) for k in ("dataset", "img_size", "resize", "gamma", "latent_dim", "base_dim", "fc_dim", "num_scale",
-                                         "block_per_scale", "depth_per_block", "second_dim", "second_depth", "seed", "limit")}
+    out, stage, dev = args.out, args.stage, args.device
+    path = os.path.join(out, f"stage{stage}.pt")
+    cfg = {k: getattr(args, k) for k in ("dataset", "img_size", "resize", "limit", "gamma", "latent_dim", "base_dim", "fc_dim",
+                                         "num_scale", "block_per_scale", "depth_per_block", "second_dim", "second_depth", "seed")}
     ck = None
-    if args.resume:
-        ck = load_checkpoint(ckpt_path, args.device)
+    if args.resume:  # the model is rebuilt from the config stored in the checkpoint
+        ck = load_checkpoint(path, dev)
         for k in ("dataset", "img_size", "resize", "limit"):
             if ck["config"][k] != cfg[k]:
-                raise DataError(f"{ckpt_path} was trained with --{k.replace('_', '-')} {ck['config'][k]}, not {cfg[k]}: "
+                raise DataError(f"{path} was trained with --{k.replace('_', '-')} {ck['config'][k]}, not {cfg[k]}: "
                                 "resume with the same settings, or use another --out.")
         cfg = ck["config"]
-    elif os.path.exists(ckpt_path):
-        raise DataError(f"{ckpt_path} exists: pass --resume to continue it, or delete it / choose another --out to start over.")
-
-    if stage == 1:
-        images = data.load_split(args.dataset, "train", args.data_dir, args.img_size, args.resize)[:args.limit]
-        batches = data.Batches(images, args.batch_size, args.device, seed=cfg["seed"])
-        fixed = batches.x[:32].permute(0, 3, 1, 2).float().div(255)  # reconstruction grid
-    else:
-        m1, ck1 = load_model(os.path.join(out, "stage1.pt"), 1, args.device)
+    elif os.path.exists(path):
+        raise DataError(f"{path} exists: pass --resume to continue it, or delete it / choose another --out to start over.")
+    m1, fixed = None, None
+    if stage == 2:  # the stage-1 model, frozen; its settings (architecture, data) are the ones to use
+        m1, ck1 = load_model(os.path.join(out, "stage1.pt"), 1, dev)
         cfg = {**ck1["config"], **{k: cfg[k] for k in ("gamma", "second_dim", "second_depth", "seed")}} if ck is None else cfg
-        images = data.load_split(cfg["dataset"], "train", args.data_dir, cfg["img_size"], cfg["resize"])[:cfg["limit"]]
-        plain = data.Batches(images, 500, args.device, shuffle=False, drop_last=False)
-        batches = Latents(*encode_all(m1, plain.epoch(0)), args.batch_size, cfg["seed"])
-    if len(batches) == 0:
-        raise DataError(f"fewer training images ({len(images)}) than one batch of {args.batch_size}.")
+    images = data.load_split(cfg["dataset"], "train", args.data_dir, cfg["img_size"], cfg["resize"])[:cfg["limit"]]
+    if stage == 1:
+        batches = data.Batches(images, args.batch_size, dev, seed=cfg["seed"])
+        fixed = batches.x[:32].permute(0, 3, 1, 2).float().div(255)  # for the reconstruction grids
+    else:
+        plain = data.Batches(images, 500, dev, shuffle=False, drop_last=False).epoch(0)
+        batches = Latents(*encode_all(m1, plain), args.batch_size, cfg["seed"])
+        if len(batches) == 0:
+            raise DataError(f"{len(images)} training images do not make one batch of {args.batch_size}.")
 
-    model = build(cfg, stage).to(args.device, memory_format=torch.channels_last)
-    opt = make_optimizer(model, args.lr, args.device)
+    model = build(cfg, stage).to(dev, memory_format=torch.channels_last)
+    opt = make_optimizer(model, args.lr, dev)
     start, skip, partial = 0, 0, None
     if ck is not None:
         model.load_state_dict(ck["model"])
         opt.load_state_dict(ck["optimizer"])
         start, skip, partial = ck["epoch"], ck["step"], ck["partial"]
         torch.set_rng_state(ck["rng"]["cpu"])
-        if args.device.type == "cuda" and "cuda" in ck["rng"]:
-            torch.cuda.set_rng_state(ck["rng"]["cuda"], args.device)
+        if dev.type == "cuda" and "cuda" in ck["rng"]:
+            torch.cuda.set_rng_state(ck["rng"]["cuda"], dev)
     history = rewrite_metrics(os.path.join(out, "metrics.jsonl"), stage, start)
     step = make_step(model, opt, args)
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda signum, frame: STOP.append(signum))
 
     def checkpoint(epoch, step_in_epoch=0, partial=None):
-        rng = {"cpu": torch.get_rng_state(), **({"cuda": torch.cuda.get_rng_state(args.device)} if args.device.type == "cuda" else {})}
-        save_checkpoint(ckpt_path, config=cfg, model=model.state_dict(), optimizer=opt.state_dict(), epoch=epoch,
+        rng = {"cpu": torch.get_rng_state(), **({"cuda": torch.cuda.get_rng_state(dev)} if dev.type == "cuda" else {})}
+        save_checkpoint(path, config=cfg, model=model.state_dict(), optimizer=opt.state_dict(), epoch=epoch,
                         step=step_in_epoch, partial=partial, rng=rng)
+
+    def interrupted(where):
+        print(f"interrupted: saved {path} {where}; continue with the same command plus --resume", file=sys.stderr)
+        sys.exit(128 + STOP[0])
 
     n = len(batches)
     for epoch in range(start, args.epochs):
-        lr = args.lr * 0.5 ** (epoch // args.halve_every)
+        lr = args.lr * 0.5 ** (epoch // args.halve_every)  # halved every --halve-every epochs (paper 4.1)
         for group in opt.param_groups:
             group["lr"] = lr
         t0 = time.time()
         model.train()
-        # per-step figures and latent statistics stay on the device; read back once per epoch
-        rec = torch.zeros(n, 3, device=args.device)
+        # per-step figures and encodings stay on the device and are read back once per epoch
+        rec = torch.zeros(n, 3, device=dev)
         mus, logsds = [], []
-        if partial is not None:
-            rec[:skip] = partial["rec"]
-            mus, logsds = [partial["mu"]], [partial["logsd"]]
+        if partial is not None:  # resuming mid-epoch: the steps already done
+            rec[:skip], mus, logsds = partial["rec"], [partial["mu"]], [partial["logsd"]]
         for i, x in enumerate(itertools.islice(batches.epoch(epoch), skip, None), skip):
             rec[i], mu, logsd = step(x)
             mus.append(mu)
             logsds.append(logsd)
             if STOP and i + 1 < n:
-                check_finite(rec[:i + 1], epoch, ckpt_path)
+                check_finite(rec[:i + 1], epoch, path)
                 checkpoint(epoch, i + 1, dict(rec=rec[:i + 1], mu=torch.cat(mus), logsd=torch.cat(logsds)))
-                print(f"interrupted: saved {ckpt_path} at epoch {epoch + 1}, step {i + 1}/{n}; "
-                      f"continue with the same command plus --resume", file=sys.stderr)
-                sys.exit(128 + STOP[0])
+                interrupted(f"at epoch {epoch + 1}, step {i + 1}/{n}")
         skip, partial = 0, None
-        check_finite(rec, epoch, ckpt_path)
-        var_law, e_var = vae.variance_law(torch.cat(mus), torch.cat(logsds))
+        check_finite(rec, epoch, path)
+        var_law, e_var = vae.variance_law(torch.cat(mus), torch.cat(logsds))  # over the epoch's training encodings
         loss, kl, mse = rec.mean(0).tolist()
         seconds = time.time() - t0
         row = dict(stage=stage, epoch=epoch + 1, loss=loss, kl=kl, mse=mse, gamma=model.gamma().item(),
@@ -262,20 +263,14 @@ def train(args):
         with open(os.path.join(out, "metrics.jsonl"), "a") as f:
             f.write(json.dumps(row) + "\n")
         history.append(row)
-        print(f"stage {stage} epoch {epoch + 1}/{args.epochs}  loss {loss:.2f}  mse {mse:.5f}  kl {kl:.2f}  gamma {row['gamma']:.4f}  "
-              f"var_law {row['var_law']:.3f}  inactive {row['inactive']}/{len(e_var)}  lr {lr:.2e}  "
-              f"{row['images_per_s']:.0f} img/s  {seconds:.1f}s", flush=True)
-        draw_latent_variance(history, os.path.join(out, f"latent_variance{'' if stage == 1 else '2'}.png"))
-        draw_gamma(history, os.path.join(out, f"gamma{'' if stage == 1 else '2'}.png"))
-        if (epoch + 1) % args.sample_every == 0 or epoch + 1 == args.epochs:
-            model.eval()
-            if stage == 1:
-                write_samples(model, None, fixed, out, f"e{epoch + 1:04d}", cfg["seed"])
-            else:
-                write_samples(m1, model, None, out, f"stage2_e{epoch + 1:04d}", cfg["seed"])
+        print(f"stage {stage} epoch {epoch + 1}/{args.epochs}  loss {loss:.2f}  mse {mse:.5f}  kl {kl:.2f}  "
+              f"gamma {row['gamma']:.4f}  var_law {row['var_law']:.3f}  inactive {row['inactive']}/{len(e_var)}  "
+              f"lr {lr:.2e}  {row['images_per_s']:.0f} img/s  {seconds:.1f}s", flush=True)
+        model.eval()
+        write_pictures(history, m1 or model, model if m1 else None, fixed, out, f"{'stage2_' if m1 else ''}e{epoch + 1:04d}",
+                       cfg["seed"], (epoch + 1) % args.sample_every == 0 or epoch + 1 == args.epochs)
         if STOP:
-            print(f"interrupted: saved {ckpt_path} after epoch {epoch + 1}; continue with the same command plus --resume", file=sys.stderr)
-            sys.exit(128 + STOP[0])
+            interrupted(f"after epoch {epoch + 1}")
 
 
 def check_finite(rec, epoch, ckpt_path):
@@ -302,32 +297,9 @@ def rewrite_metrics(path, stage, epoch):
 # ---------------------------------------------------------------------------------------------
 # Sampling and pictures
 # ---------------------------------------------------------------------------------------------
-def to_uint8(x):
-    """(N, 3, H, W) floats in [0, 1] -> (N, H, W, 3) uint8 on the host, as images are stored."""
-    return (x.float() * 255).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
-
-
-def randn(g, *shape, device):
-    return torch.randn(shape, generator=g).to(device)  # drawn on the CPU: the same numbers on any device
-
-
-@torch.no_grad()
-def reconstruct(m1, x, g):
-    """Decode a sampled z = mu + sigma * eps with the networks in eval mode, as the released code's REC."""
-    mu, logsd = m1.encode(x)
-    return m1.decode(mu + logsd.exp() * randn(g, *mu.shape, device=x.device)), mu, logsd
-
-
-@torch.no_grad()
-def sample_latents(m1, m2, n, g, device):
-    """GEN-1: z ~ N(0, I). GEN-2: u ~ N(0, I), z ~ N(f2(u), gamma_z^2 I), as Dai & Wipf's generate()."""
-    z = randn(g, n, m1.mu.out_features, device=device)
-    return z if m2 is None else m2.decode(z) + m2.gamma() * randn(g, *z.shape, device=device)
-
-
 @torch.no_grad()
 def decode_all(m1, z, batch=500):
-    return np.concatenate([to_uint8(m1.decode(c)) for c in z.split(batch)])
+    return np.concatenate([data.to_uint8(m1.decode(c)) for c in z.split(batch)])
 
 
 def side_by_side(orig, recon, ncol=8):
@@ -336,62 +308,25 @@ def side_by_side(orig, recon, ncol=8):
     return np.stack([orig[:n].reshape(shape), recon[:n].reshape(shape)], 1).reshape(-1, *orig.shape[1:])
 
 
-def write_samples(m1, m2, fixed, out, tag, seed):
-    g = torch.Generator().manual_seed(seed)  # the same noise every time: grids change only with the model
-    if fixed is not None:
-        grid = side_by_side(to_uint8(fixed), to_uint8(reconstruct(m1, fixed, g)[0]))
-        data.save_grid(grid, os.path.join(out, f"recon_{tag}.png"))
-    dev = next(m1.parameters()).device
-    data.save_grid(decode_all(m1, sample_latents(m1, m2, 64, g, dev)), os.path.join(out, f"samples_{tag}.png"))
-
-
-def colormap(v):
-    """Values in [0, 1] -> RGB uint8 from dark blue (active latent, 0) to yellow (inactive, 1)."""
-    anchors = np.array([[20, 30, 90], [40, 150, 140], [250, 230, 60]], float)
-    t = np.clip(v, 0, 1) * 2
-    lo = np.minimum(t.astype(int), 1)
-    return (anchors[lo] + (t - lo)[..., None] * (anchors[lo + 1] - anchors[lo])).astype(np.uint8)
-
-
-def draw_latent_variance(history, path):
-    """Fig. 6-7 as a heatmap: E_X[sigma^2] of each latent (rows) after each epoch (columns). Rows are
-    ordered by the epoch at which the latent first left the limbo (E[sigma^2] < 0.8), so latents
-    being put to work one by one show as a staircase."""
-    from PIL import Image, ImageDraw
+def write_pictures(history, m1, m2, fixed, out, tag, seed, grids):
+    """Every epoch: the latent-variance heatmap (Fig. 6-7) and gamma vs sqrt(mse); every few epochs
+    the sample grids, drawn with the same noise each time so they change only with the model."""
+    s = "" if m2 is None else "2"
     v = np.array([r["latent_var"] for r in history]).T  # (latents, epochs)
-    first = np.where(v < 0.8, np.arange(v.shape[1]), v.shape[1]).min(1)
-    v = v[np.lexsort((v[:, -1], first))]
-    cw, ch = max(1, 600 // v.shape[1]), 6
-    heat = Image.fromarray(colormap(v)).resize((v.shape[1] * cw, v.shape[0] * ch), Image.NEAREST)
-    img = Image.new("RGB", (max(heat.width, 420) + 20, heat.height + 40), "white")
-    img.paste(heat, (10, 30))
-    ImageDraw.Draw(img).text((10, 4), f"E[sigma^2] per latent (rows) over {v.shape[1]} epochs; blue 0 = active, "
-                             f"yellow 1 = inactive", fill="black")
-    data.atomic_write(path, lambda f: img.save(f, format="PNG"))
-
-
-def draw_gamma(history, path, w=480, h=300, m=40):
-    """gamma and sqrt(mse) per epoch on a log scale: with computed gamma they coincide (eq. 8's
-    minimum gamma^2 = mse), i.e. a constant balance between eq. 7 and the KL (eq. 9)."""
-    from PIL import Image, ImageDraw
-    series = {"gamma": [r["gamma"] for r in history], "sqrt(mse)": [math.sqrt(r["mse"]) for r in history]}
-    logs = np.log10([v for s in series.values() for v in s])
-    lo, hi = logs.min() - 0.05, logs.max() + 0.05
-    img = Image.new("RGB", (w, h), "white")
-    d = ImageDraw.Draw(img)
-    d.rectangle([m, m // 2, w - m // 2, h - m], outline="black")
-    for k in range(math.floor(lo * 4), math.ceil(hi * 4) + 1):  # gridlines every quarter decade
-        y = h - m - (k / 4 - lo) / (hi - lo) * (h - 1.5 * m)
-        if m // 2 < y < h - m:
-            d.line([m, y, w - m // 2, y], fill=(220, 220, 220))
-            d.text((2, y - 5), f"{10 ** (k / 4):.3f}", fill="black")
-    for (name, s), color, ty in zip(series.items(), ("red", "blue"), (m // 2 + 4, m // 2 + 16)):
-        xs = [m + (i + 1) / len(s) * (w - 1.5 * m) for i in range(len(s))]
-        ys = [h - m - (math.log10(v) - lo) / (hi - lo) * (h - 1.5 * m) for v in s]
-        d.line(list(zip(xs, ys)) if len(s) > 1 else [xs[0] - 1, ys[0], xs[0], ys[0]], fill=color, width=2)
-        d.text((w - 120, ty), name, fill=color)
-    d.text((m, h - m + 8), f"epoch 1 .. {len(history)}", fill="black")
-    data.atomic_write(path, lambda f: img.save(f, format="PNG"))
+    first = np.where(v < 0.8, np.arange(v.shape[1]), v.shape[1]).min(1)  # epoch it left the limbo
+    data.save_heatmap(v[np.lexsort((v[:, -1], first))], os.path.join(out, f"latent_variance{s}.png"),
+                      f"E[sigma^2] per latent (rows, by epoch of activation) over {v.shape[1]} epochs: "
+                      "blue 0 active, yellow 1 inactive", cell=(max(1, 600 // v.shape[1]), 6))
+    # with computed gamma the two coincide: eq. 8's minimum gamma^2 = mse, a constant balance (eq. 9)
+    data.save_curves({"gamma": [r["gamma"] for r in history], "sqrt(mse)": [math.sqrt(r["mse"]) for r in history]},
+                     os.path.join(out, f"gamma{s}.png"), f"stage {1 if m2 is None else 2}: gamma and sqrt(mse) per epoch")
+    if not grids:
+        return
+    g, dev = torch.Generator().manual_seed(seed), fixed.device if fixed is not None else next(m1.parameters()).device
+    if fixed is not None:
+        recon = data.to_uint8(vae.reconstruct(m1, fixed, g)[0])
+        data.save_grid(side_by_side(data.to_uint8(fixed), recon), os.path.join(out, f"recon_{tag}.png"))
+    data.save_grid(decode_all(m1, vae.sample_latents(m1, m2, 64, g, dev)), os.path.join(out, f"samples_{tag}.png"))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -404,19 +339,20 @@ def evaluate(args):
     p2 = os.path.join(args.out, "stage2.pt")
     m2, ck2 = load_model(p2, 2, dev) if os.path.exists(p2) else (None, None)
     cfg = ck["config"]
-    test = data.load_split(cfg["dataset"], "test", args.data_dir, cfg["img_size"], cfg["resize"])[:args.n_eval]
+    split = data.load_split(cfg["dataset"], "test", args.data_dir, cfg["img_size"], cfg["resize"])
+    test = split[:args.n_eval]
     g = torch.Generator().manual_seed(cfg["seed"])
     recon, mus, logsds, sse = [], [], [], 0.0
     for x in data.Batches(test, 500, dev, shuffle=False, drop_last=False).epoch(0):
-        r, mu, logsd = reconstruct(m1, x, g)
+        r, mu, logsd = vae.reconstruct(m1, x, g)
         sse += (x - r).square().sum().item()
-        recon.append(to_uint8(r)), mus.append(mu), logsds.append(logsd)
+        recon.append(data.to_uint8(r)), mus.append(mu), logsds.append(logsd)
     recon = np.concatenate(recon)
     var_law, e_var = vae.variance_law(torch.cat(mus), torch.cat(logsds))
-    gen1 = decode_all(m1, sample_latents(m1, None, len(test), g, dev))
+    gen1 = decode_all(m1, vae.sample_latents(m1, None, len(test), g, dev))
     gen2 = None
     if m2 is not None:
-        z = sample_latents(m1, m2, len(test), g, dev)
+        z = vae.sample_latents(m1, m2, len(test), g, dev)
         if args.latent_norm:  # paper 4.2: average per-latent std of generated z := sqrt(variance law)
             z = z * (var_law.mean().sqrt().float() / z.std(0).mean())
         gen2 = decode_all(m1, z)
@@ -427,9 +363,10 @@ def evaluate(args):
     if not args.no_fid:
         import fid
         net = fid.load_inception(args.inception, args.inception_weights, dev)
-        key = f"{cfg['dataset']}_test_{cfg['img_size']}_{cfg['resize']}_{len(test)}_{fid.weights_tag(args.inception, args.inception_weights)}"
-        real = fid.cached_stats(os.path.join(args.data_dir, "fid_stats", key + ".npz"),
-                                lambda: fid.feature_stats(net, test, desc="FID real"))
+        weights = os.path.basename(args.inception_weights) if args.inception_weights else args.inception
+        key = fid.stats_cache_name(cfg["dataset"], f"test-{cfg['resize']}", cfg["img_size"], len(test), weights)
+        # cached beside the split's own cache (never inside a user's image folder)
+        real = fid.cached_stats(os.path.join(os.path.dirname(split.filename), key), lambda: fid.feature_stats(net, test, desc="FID real"))
         for name, imgs in (("rec_fid", recon), ("gen1_fid", gen1), ("gen2_fid", gen2)):
             if imgs is not None:
                 res[name] = fid.frechet_distance(*real, *fid.feature_stats(net, imgs, desc=f"FID {name[:-4]}"))
@@ -451,39 +388,42 @@ def evaluate(args):
 PEAKS = {"H100": (989e12, 67e12), "H200": (989e12, 67e12), "A100": (312e12, 19.5e12)}  # dense bf16, fp32
 
 
+def per_call(fn, n, sync=lambda: None):
+    """Mean wall-clock seconds of fn() over n calls, the device synchronised before and after."""
+    sync()
+    t = time.perf_counter()
+    for _ in range(n):
+        fn()
+    sync()
+    return (time.perf_counter() - t) / n
+
+
 def bench(args, warmup=3, steps=10):
+    """Time the training step as configured and, side by side, a plain fp32 step of the same network
+    (NCHW memory, no autocast, no compile); count its FLOPs; compare with a reference peak."""
     from torch.utils.flop_counter import FlopCounterMode
-    dev, cfg = args.device, vars(args)
-    model = build(cfg, args.stage).to(dev, memory_format=torch.channels_last)
-    opt = make_optimizer(model, args.lr, dev)
+    dev = args.device
+    sync = torch.cuda.synchronize if dev.type == "cuda" else lambda: None
     shape = (args.batch_size, 3, args.img_size, args.img_size) if args.stage == 1 else (args.batch_size, args.latent_dim)
     x = torch.rand(shape, device=dev)
-    x = x.contiguous(memory_format=torch.channels_last) if x.dim() == 4 else x
-    step = make_step(model, opt, args)
-    sync = torch.cuda.synchronize if dev.type == "cuda" else lambda: None
-    for _ in range(warmup):
-        step(x)
-    sync()
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        step(x)
-    sync()
-    dt = (time.perf_counter() - t0) / steps
-    with FlopCounterMode(display=False) as counter:  # forward + backward of one step, uncompiled
+
+    def seconds_per_step(fmt, a):
+        model = build(vars(args), args.stage).to(dev, memory_format=fmt)
+        step = make_step(model, make_optimizer(model, args.lr, dev), a)
+        xf = x.contiguous(memory_format=fmt) if x.dim() == 4 else x
+        per_call(lambda: step(xf), warmup, sync)
+        return per_call(lambda: step(xf), steps, sync), model
+    plain, _ = seconds_per_step(torch.contiguous_format, argparse.Namespace(**{**vars(args), "amp": "none", "compile": False}))
+    dt, model = seconds_per_step(torch.channels_last, args)
+    with FlopCounterMode(display=False) as counter:  # forward + backward of one step
         model.loss(x, model(x), args.kl_weight)[0].backward()
     flops = counter.get_total_flops() / args.batch_size
-    if dev.type == "cpu":  # reference peak: best of 5 float32 2048x2048 matrix multiplications
+    if dev.type == "cpu":  # reference peak: the best of 5 float32 2048x2048 matrix multiplications
         a = torch.randn(2048, 2048)
-        times = []
-        for _ in range(5):
-            t = time.perf_counter()
-            a @ a
-            times.append(time.perf_counter() - t)
-        peak, peak_name = 2 * 2048 ** 3 / min(times), "measured fp32 2048^3 matmul"
+        peak, peak_name = 2 * 2048 ** 3 / min(per_call(lambda: a @ a, 1) for _ in range(5)), "measured fp32 2048^3 matmul"
     else:
         name = torch.cuda.get_device_name(dev)
-        peaks = next((v for k, v in PEAKS.items() if k in name), None)
-        peak = peaks and peaks[0 if args.amp == "bf16" else 1]
+        peak = next((v[args.amp != "bf16"] for k, v in PEAKS.items() if k in name), None)
         peak_name = f"{name} dense {'bf16' if args.amp == 'bf16' else 'fp32'} peak"
     achieved = flops * args.batch_size / dt
     print(f"device {dev} ({torch.cuda.get_device_name(dev) if dev.type == 'cuda' else f'{torch.get_num_threads()} threads'}), "
@@ -491,6 +431,7 @@ def bench(args, warmup=3, steps=10):
           f"compile {args.compile}")
     print(f"{args.batch_size / dt:.1f} images/s  {dt * 1e3:.1f} ms/step  {flops / 1e9:.3f} GFLOP/image (training)  "
           f"{achieved / 1e12:.3f} TFLOP/s" + (f"  = {achieved / peak:.0%} of {peak_name} ({peak / 1e12:.2f} TFLOP/s)" if peak else ""))
+    print(f"plain fp32 NCHW step: {args.batch_size / plain:.1f} images/s  {plain * 1e3:.1f} ms/step  -> speed-up {plain / dt:.2f}x")
 
 
 def main(argv=None):

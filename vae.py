@@ -239,6 +239,28 @@ class SecondStage(_GaussianVAE):
 
 
 # ---------------------------------------------------------------------------------------------
+# Reconstruction and two-stage generation (networks in eval mode)
+# ---------------------------------------------------------------------------------------------
+def randn(g, *shape, device):
+    """Standard normal noise from the CPU generator g: the same numbers on any device."""
+    return torch.randn(shape, generator=g).to(device)
+
+
+@torch.no_grad()
+def reconstruct(m1, x, g):
+    """Decode a sampled z = mu + sigma * eps with the networks in eval mode, as the released code's REC."""
+    mu, logsd = m1.encode(x)
+    return m1.decode(mu + logsd.exp() * randn(g, *mu.shape, device=x.device)), mu, logsd
+
+
+@torch.no_grad()
+def sample_latents(m1, m2, n, g, device):
+    """GEN-1: z ~ N(0, I). GEN-2: u ~ N(0, I), z ~ N(f2(u), gamma_z^2 I), as Dai & Wipf's generate()."""
+    z = randn(g, n, m1.mu.out_features, device=device)
+    return z if m2 is None else m2.decode(z) + m2.gamma() * randn(g, *z.shape, device=device)
+
+
+# ---------------------------------------------------------------------------------------------
 # Latent statistics: eq. 6 and footnote 3
 # ---------------------------------------------------------------------------------------------
 def variance_law(mu, logsd):

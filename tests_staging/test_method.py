@@ -242,3 +242,30 @@ def test_clear_errors(tiny, capsys):
     with open(path, "r+b") as f:
         f.truncate(os.path.getsize(path) // 2)
     assert "truncated or corrupt" in fails("--epochs", "2", "--resume")
+
+
+def test_eval_with_fid_on_random_weights(tiny, tmp_path, monkeypatch, capsys):
+    import fid
+    run, out = tiny
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    test_split = np.load(_save(cache / "test.npy", data.load_split("folder", "test")), mmap_mode="r")
+    monkeypatch.setattr(data, "load_split", lambda dataset, split, *a, **k: test_split if split == "test" else
+                        np.ascontiguousarray(test_split[:20]))
+    weights = tmp_path / "inception.pth"
+    torch.manual_seed(0)
+    torch.save(fid.InceptionV3().state_dict(), weights)
+    run("--epochs", "1", "--batch-size", "10")
+    run("--eval", "--n-eval", "4", "--inception-weights", str(weights))
+    res = json.load(open(os.path.join(out, "eval.json")))
+    net = fid.load_inception("torchvision", str(weights), "cpu")
+    real = fid.feature_stats(net, np.asarray(test_split[:4]))
+    assert list(cache.glob("fid_stats_*.npz"))  # the real statistics were cached beside the split
+    np.testing.assert_allclose(fid.load_stats(next(cache.glob("fid_stats_*.npz")))[0], real[0])
+    assert res["inception"] == "torchvision" and res["gen2_fid"] is None
+    assert all(isinstance(res[k], float) and res[k] > 0 for k in ("rec_fid", "gen1_fid"))
+
+
+def _save(path, array):
+    np.save(path, array)
+    return path

@@ -1,0 +1,473 @@
+"""FID (Frechet Inception Distance) in plain PyTorch: the paper's evaluation metric.
+
+The paper scores reconstructions (REC), decoder samples (GEN-1) and two-stage samples (GEN-2) by their FID
+(Heusel et al. 2017) against 10,000 test images (sections 4-5, Tables 1-5), computed with the TF Inception
+graph of 2015-12-05. Here: an Inception v3 with torchvision's Inception3 parameter names, so both published
+weight files load into it; feature statistics; the Frechet distance; and a command line:
+
+    python fid.py A B                      FID of A vs B: folders of images, uint8 (N, H, W, 3) arrays in
+                                           .npy/.npz, or statistics .npz (mu, sigma)
+    python fid.py A --save-stats a.npz     save the statistics of A for later runs
+    python fid.py --bench --batch-size 64  Inception images/second on this device (random weights)
+
+Only `--inception tf` (pytorch-fid's port of the TF graph) gives FIDs comparable with the paper and the
+literature; the default torchvision ImageNet weights give FIDs on another scale (REFERENCE.md).
+
+Deviations from the reference (pytorch-fid), each checked against it to float32 precision:
+- tr(sqrtm(s1 s2)) is summed from the eigenvalues of s1 s2 instead of scipy's sqrtm (REFERENCE.md): 1.6 s
+  instead of 10 s at 2048-d on 2 CPU cores; pytorch-fid's fallbacks stay (1e-6 * I when the root fails,
+  large imaginary parts refused).
+- Speed: channels-last layout, and batch norm folded into the convolutions (inference only).
+- Generated float images are quantised to uint8 first, as the image files pytorch-fid reads are.
+- Fewer images than the 2048 features make the covariance singular: a warning (pytorch-fid is silent).
+"""
+import argparse
+import contextlib
+import functools
+import os
+import pickle
+import sys
+import time
+import zipfile
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from PIL import Image
+
+from data import DataError, atomic_write, list_images, progress
+
+URLS = {
+    "torchvision": "https://download.pytorch.org/models/inception_v3_google-0cc3c7bd.pth",
+    "tf": "https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
+          "pt_inception-2015-12-05-6726825d.pth",
+}
+# torch.hub's check_hash needs a SHA-256 prefix at the end of the file name. torchvision's name has one
+# (REFERENCE.md). pytorch-fid never checks its file, but projects that pin it record its SHA-256 as
+# 6726825d0af5f729cebd5821db510b11b1cfad8faad88a03f1befd49fb9129b2 (95,628,359 bytes): the suffix is that
+# prefix, so both files are hash-checked; load_weights() then checks every name and shape as well.
+IGNORED = ("fc.", "AuxLogits.")  # the classifier heads: FID uses the 2048-d pool features before them
+
+
+class BasicConv2d(nn.Module):
+    """Convolution without bias, batch norm (eps 0.001), ReLU: torchvision's unit and parameter names."""
+
+    def __init__(self, cin, cout, **conv):
+        super().__init__()
+        self.conv = nn.Conv2d(cin, cout, bias=False, **conv)
+        self.bn = nn.BatchNorm2d(cout, eps=0.001)
+
+    def forward(self, x):
+        # Inference only: the batch norm (running statistics) folded into the convolution saves a pass
+        # over every activation map, a fifth of the CPU time.
+        c, bn = self.conv, self.bn
+        scale = bn.weight * (bn.running_var + bn.eps).rsqrt()
+        x = F.conv2d(x, c.weight * scale[:, None, None, None], bn.bias - bn.running_mean * scale,
+                     c.stride, c.padding)
+        return F.relu(x, inplace=True)
+
+
+avg_pool = functools.partial(F.avg_pool2d, kernel_size=3, stride=1, padding=1)
+tf_avg_pool = functools.partial(F.avg_pool2d, kernel_size=3, stride=1, padding=1, count_include_pad=False)
+tf_max_pool = functools.partial(F.max_pool2d, kernel_size=3, stride=1, padding=1)
+# The TF graph differs from torchvision's Inception3 only in four pool branches (pytorch-fid's "Patch"es).
+POOLS = {"torchvision": dict(A=avg_pool, C=avg_pool, E1=avg_pool, E2=avg_pool),
+         "tf": dict(A=tf_avg_pool,    # 1. TF's average pool leaves the zero padding out of the mean...
+                    C=tf_avg_pool,    # 2. ...in InceptionC...
+                    E1=tf_avg_pool,   # 3. ...and in the first InceptionE (Mixed_7b);
+                    E2=tf_max_pool)}  # 4. Mixed_7c max-pools in this graph (likely a slip; FIDs keep it).
+
+
+def _chain(x, *layers):
+    for layer in layers:
+        x = layer(x)
+    return x
+
+
+class InceptionA(nn.Module):
+    def __init__(self, cin, pool_features, pool):
+        super().__init__()
+        self.branch1x1 = BasicConv2d(cin, 64, kernel_size=1)
+        self.branch5x5_1 = BasicConv2d(cin, 48, kernel_size=1)
+        self.branch5x5_2 = BasicConv2d(48, 64, kernel_size=5, padding=2)
+        self.branch3x3dbl_1 = BasicConv2d(cin, 64, kernel_size=1)
+        self.branch3x3dbl_2 = BasicConv2d(64, 96, kernel_size=3, padding=1)
+        self.branch3x3dbl_3 = BasicConv2d(96, 96, kernel_size=3, padding=1)
+        self.branch_pool = BasicConv2d(cin, pool_features, kernel_size=1)
+        self.pool = pool
+
+    def forward(self, x):
+        return torch.cat([self.branch1x1(x), _chain(x, self.branch5x5_1, self.branch5x5_2),
+                          _chain(x, self.branch3x3dbl_1, self.branch3x3dbl_2, self.branch3x3dbl_3),
+                          self.branch_pool(self.pool(x))], 1)
+
+
+class InceptionB(nn.Module):
+    def __init__(self, cin):
+        super().__init__()
+        self.branch3x3 = BasicConv2d(cin, 384, kernel_size=3, stride=2)
+        self.branch3x3dbl_1 = BasicConv2d(cin, 64, kernel_size=1)
+        self.branch3x3dbl_2 = BasicConv2d(64, 96, kernel_size=3, padding=1)
+        self.branch3x3dbl_3 = BasicConv2d(96, 96, kernel_size=3, stride=2)
+
+    def forward(self, x):
+        return torch.cat([self.branch3x3(x),
+                          _chain(x, self.branch3x3dbl_1, self.branch3x3dbl_2, self.branch3x3dbl_3),
+                          F.max_pool2d(x, 3, stride=2)], 1)
+
+
+class InceptionC(nn.Module):
+    def __init__(self, cin, c7, pool):
+        super().__init__()
+        row, col = dict(kernel_size=(1, 7), padding=(0, 3)), dict(kernel_size=(7, 1), padding=(3, 0))
+        self.branch1x1 = BasicConv2d(cin, 192, kernel_size=1)
+        self.branch7x7_1 = BasicConv2d(cin, c7, kernel_size=1)
+        self.branch7x7_2 = BasicConv2d(c7, c7, **row)
+        self.branch7x7_3 = BasicConv2d(c7, 192, **col)
+        self.branch7x7dbl_1 = BasicConv2d(cin, c7, kernel_size=1)
+        self.branch7x7dbl_2 = BasicConv2d(c7, c7, **col)
+        self.branch7x7dbl_3 = BasicConv2d(c7, c7, **row)
+        self.branch7x7dbl_4 = BasicConv2d(c7, c7, **col)
+        self.branch7x7dbl_5 = BasicConv2d(c7, 192, **row)
+        self.branch_pool = BasicConv2d(cin, 192, kernel_size=1)
+        self.pool = pool
+
+    def forward(self, x):
+        return torch.cat([self.branch1x1(x), _chain(x, self.branch7x7_1, self.branch7x7_2, self.branch7x7_3),
+                          _chain(x, self.branch7x7dbl_1, self.branch7x7dbl_2, self.branch7x7dbl_3,
+                                 self.branch7x7dbl_4, self.branch7x7dbl_5),
+                          self.branch_pool(self.pool(x))], 1)
+
+
+class InceptionD(nn.Module):
+    def __init__(self, cin):
+        super().__init__()
+        self.branch3x3_1 = BasicConv2d(cin, 192, kernel_size=1)
+        self.branch3x3_2 = BasicConv2d(192, 320, kernel_size=3, stride=2)
+        self.branch7x7x3_1 = BasicConv2d(cin, 192, kernel_size=1)
+        self.branch7x7x3_2 = BasicConv2d(192, 192, kernel_size=(1, 7), padding=(0, 3))
+        self.branch7x7x3_3 = BasicConv2d(192, 192, kernel_size=(7, 1), padding=(3, 0))
+        self.branch7x7x3_4 = BasicConv2d(192, 192, kernel_size=3, stride=2)
+
+    def forward(self, x):
+        return torch.cat([_chain(x, self.branch3x3_1, self.branch3x3_2),
+                          _chain(x, self.branch7x7x3_1, self.branch7x7x3_2, self.branch7x7x3_3,
+                                 self.branch7x7x3_4),
+                          F.max_pool2d(x, 3, stride=2)], 1)
+
+
+class InceptionE(nn.Module):
+    def __init__(self, cin, pool):
+        super().__init__()
+        self.branch1x1 = BasicConv2d(cin, 320, kernel_size=1)
+        self.branch3x3_1 = BasicConv2d(cin, 384, kernel_size=1)
+        self.branch3x3_2a = BasicConv2d(384, 384, kernel_size=(1, 3), padding=(0, 1))
+        self.branch3x3_2b = BasicConv2d(384, 384, kernel_size=(3, 1), padding=(1, 0))
+        self.branch3x3dbl_1 = BasicConv2d(cin, 448, kernel_size=1)
+        self.branch3x3dbl_2 = BasicConv2d(448, 384, kernel_size=3, padding=1)
+        self.branch3x3dbl_3a = BasicConv2d(384, 384, kernel_size=(1, 3), padding=(0, 1))
+        self.branch3x3dbl_3b = BasicConv2d(384, 384, kernel_size=(3, 1), padding=(1, 0))
+        self.branch_pool = BasicConv2d(cin, 192, kernel_size=1)
+        self.pool = pool
+
+    def forward(self, x):
+        a = self.branch3x3_1(x)
+        b = self.branch3x3dbl_2(self.branch3x3dbl_1(x))
+        return torch.cat([self.branch1x1(x), self.branch3x3_2a(a), self.branch3x3_2b(a),
+                          self.branch3x3dbl_3a(b), self.branch3x3dbl_3b(b), self.branch_pool(self.pool(x))], 1)
+
+
+class InceptionV3(nn.Module):
+    """torchvision's Inception3 up to the 2048-d global average pool ("pool3"): no AuxLogits, no fc."""
+
+    def __init__(self, variant="torchvision"):
+        super().__init__()
+        pool = POOLS[variant]
+        self.Conv2d_1a_3x3 = BasicConv2d(3, 32, kernel_size=3, stride=2)
+        self.Conv2d_2a_3x3 = BasicConv2d(32, 32, kernel_size=3)
+        self.Conv2d_2b_3x3 = BasicConv2d(32, 64, kernel_size=3, padding=1)
+        self.maxpool1 = nn.MaxPool2d(3, stride=2)
+        self.Conv2d_3b_1x1 = BasicConv2d(64, 80, kernel_size=1)
+        self.Conv2d_4a_3x3 = BasicConv2d(80, 192, kernel_size=3)
+        self.maxpool2 = nn.MaxPool2d(3, stride=2)
+        self.Mixed_5b = InceptionA(192, 32, pool["A"])
+        self.Mixed_5c = InceptionA(256, 64, pool["A"])
+        self.Mixed_5d = InceptionA(288, 64, pool["A"])
+        self.Mixed_6a = InceptionB(288)
+        self.Mixed_6b = InceptionC(768, 128, pool["C"])
+        self.Mixed_6c = InceptionC(768, 160, pool["C"])
+        self.Mixed_6d = InceptionC(768, 160, pool["C"])
+        self.Mixed_6e = InceptionC(768, 192, pool["C"])
+        self.Mixed_7a = InceptionD(768)
+        self.Mixed_7b = InceptionE(1280, pool["E1"])
+        self.Mixed_7c = InceptionE(2048, pool["E2"])
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+
+    def forward(self, x):
+        """Floats (N, 3, H, W) in [0, 1] -> (N, 2048) pool features; resized and scaled as in pytorch-fid."""
+        x = F.interpolate(x, size=(299, 299), mode="bilinear", align_corners=False)
+        x = (2 * x - 1).contiguous(memory_format=torch.channels_last)  # both weight files expect [-1, 1]
+        return _chain(x, *self.children()).flatten(1)
+
+
+FC_CLASSES = {"torchvision": 1000, "tf": 1008}
+
+
+def load_weights(model, state, variant):
+    """Copy a torchvision-named state dict into `model`; refuse a missing name, a stray one, a wrong shape."""
+    def needed(d):  # num_batches_tracked only counts training steps (and not every file has it)
+        return {k: v for k, v in d.items() if not k.startswith(IGNORED) and not k.endswith("_tracked")}
+    have, want = needed(state if isinstance(state, dict) else {}), needed(model.state_dict())
+    problems = [f"missing {k}" for k in want if k not in have]
+    problems += [f"unexpected {k}" for k in have if k not in want]
+    problems += [f"{k} has shape {tuple(getattr(have[k], 'shape', ()))}, expected {tuple(v.shape)}"
+                 for k, v in want.items() if k in have and getattr(have[k], "shape", None) != v.shape]
+    # The two files differ only in the classifier (1000 ImageNet classes vs the TF graph's 1008),
+    # which is ignored otherwise; checking it catches a file passed with the wrong --inception.
+    fc, classes = (state.get("fc.weight") if isinstance(state, dict) else None), FC_CLASSES[variant]
+    if fc is not None and getattr(fc, "shape", (classes,))[0] != classes:
+        problems.append(f"fc has {fc.shape[0]} classes, not {classes} (the other --inception variant's file?)")
+    if problems:
+        raise DataError(f"these are not the {variant} Inception v3 weights ({len(problems)} problems: "
+                        f"{'; '.join(problems[:4])}{'; ...' if len(problems) > 4 else ''}). Use the file "
+                        f"from {URLS[variant]}, or leave --inception-weights out to download it.")
+    model.load_state_dict(have, strict=False)
+
+
+def default_device():
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def load_inception(variant="torchvision", weights_path=None, device=None):
+    """The feature extractor in eval mode: "torchvision" (ImageNet) or "tf" (the FID network of the
+    literature) weights, from `weights_path` or downloaded once into torch.hub's cache."""
+    if variant not in URLS:
+        raise DataError(f"unknown Inception variant {variant!r}: use one of {', '.join(URLS)}")
+    try:
+        state = (torch.load(weights_path, map_location="cpu", weights_only=True) if weights_path else
+                 torch.hub.load_state_dict_from_url(URLS[variant], map_location="cpu", check_hash=True,
+                                                    weights_only=True))
+    except (OSError, RuntimeError, pickle.UnpicklingError) as e:  # URLError, hash mismatch, corrupt file
+        if weights_path:
+            raise DataError(f"cannot load Inception weights from {weights_path}: {e}") from None
+        raise DataError(f"cannot get the {variant} Inception weights ({e}). Without internet, download "
+                        f"{URLS[variant]} elsewhere and pass it with --inception-weights PATH "
+                        "(weights_path= in Python).") from None
+    model = InceptionV3(variant)
+    load_weights(model, state, variant)
+    model.to(device or default_device(), memory_format=torch.channels_last)
+    return model.eval().requires_grad_(False)
+
+
+@contextlib.contextmanager
+def exact_fp32():
+    """TF32 off inside (features drift with it, REFERENCE.md); the caller's settings restored after."""
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
+def _check_array(a):
+    if a.dtype != np.uint8 or a.ndim != 4 or a.shape[3] != 3:
+        raise DataError(f"expected uint8 images of shape (N, H, W, 3), got {a.dtype} {a.shape} "
+                        "(float images in [0, 1]: save (x * 255).round().astype(np.uint8))")
+    return a
+
+
+def _to_uint8(batch):
+    """A batch as a uint8 (N, 3, H, W) tensor. Float images in [0, 1] are quantised like the 8-bit files
+    the real images come from, so generated and real images take the same path."""
+    if isinstance(batch, np.ndarray):
+        # np.array copies a read-only (memory-mapped) batch into memory torch may own
+        return torch.from_numpy(np.array(_check_array(batch))).permute(0, 3, 1, 2)  # already channels-last
+    if batch.is_floating_point():
+        if not torch.isfinite(batch).all():
+            raise DataError("the images contain NaN or infinite values (did the model diverge?)")
+        batch = (batch * 255).round().clamp(0, 255).to(torch.uint8)
+    if batch.dtype != torch.uint8 or batch.ndim != 4 or batch.shape[1] != 3:
+        raise DataError(f"expected float images (N, 3, H, W) in [0, 1], got {batch.dtype} "
+                        f"{tuple(batch.shape)}")
+    return batch
+
+
+def feature_stats(model, images, batch_size=200, device=None, desc="features"):
+    """Float64 mean and covariance (np.cov, N - 1) of the pool features of `images`: uint8 (N, H, W, 3)
+    numpy, float (N, 3, H, W) torch in [0, 1], or an iterable of such batches (a generator of samples)."""
+    device = device or next(model.parameters()).device
+    if isinstance(images, (np.ndarray, torch.Tensor)):
+        images = [images[i:i + batch_size] for i in range(0, len(images), batch_size)]
+    feats = []
+    with torch.no_grad(), exact_fp32():
+        for batch in progress(images, desc=desc):
+            feats.append(model(_to_uint8(batch).to(device).float() / 255).double().cpu())
+    n = sum(len(f) for f in feats)
+    if n < 2:
+        raise DataError(f"{desc}: {n} image(s); a covariance needs at least 2 (the paper uses 10,000)")
+    feats = torch.cat(feats).numpy()
+    if n < feats.shape[1]:
+        print(f"warning: {desc}: {n} images < {feats.shape[1]} features, so the covariance is singular; "
+              "the FID stays finite but is biased up, comparable only at equal N (the paper uses 10,000)",
+              file=sys.stderr)
+    return feats.mean(0), np.cov(feats, rowvar=False)
+
+
+def frechet_distance(mu1, sigma1, mu2, sigma2):
+    """|mu1 - mu2|^2 + tr(s1) + tr(s2) - 2 tr(sqrtm(s1 s2)) in float64 (Heusel et al. 2017)."""
+    mu1, mu2 = (np.atleast_1d(np.asarray(m, np.float64)) for m in (mu1, mu2))
+    s1, s2 = (np.atleast_2d(np.asarray(s, np.float64)) for s in (sigma1, sigma2))
+    d = len(mu1)
+    if mu1.shape != mu2.shape or s1.shape != (d, d) or s2.shape != (d, d):
+        raise DataError(f"the statistics do not match: mu {mu1.shape} and {mu2.shape}, "
+                        f"sigma {s1.shape} and {s2.shape}")
+    if not all(np.isfinite(a).all() for a in (mu1, mu2, s1, s2)):
+        raise DataError("the statistics contain NaN or infinite values: recompute them")
+    try:  # tr(sqrtm(M)) is the sum of the square roots of M's eigenvalues
+        eigvals = np.linalg.eigvals(s1 @ s2)
+    except np.linalg.LinAlgError:
+        print("warning: the eigenvalues of sigma1 sigma2 did not converge; adding 1e-6 * I to both "
+              "covariances and retrying, as pytorch-fid does", file=sys.stderr)
+        offset = 1e-6 * np.eye(d)
+        eigvals = np.linalg.eigvals((s1 + offset) @ (s2 + offset))
+    roots = np.sqrt(eigvals.astype(np.complex128))
+    if np.abs(roots.imag).max() > 1e-3:  # pytorch-fid's bound: beyond round-off, not covariances
+        raise DataError(f"sqrtm(sigma1 sigma2) has an imaginary component {np.abs(roots.imag).max():.3g}:"
+                        " are these covariance matrices (symmetric, positive semi-definite)?")
+    diff = mu1 - mu2
+    return float(diff @ diff + np.trace(s1) + np.trace(s2) - 2 * roots.real.sum())
+
+
+def save_stats(path, mu, sigma):
+    atomic_write(path, lambda f: np.savez(f, mu=mu, sigma=sigma))
+
+
+def load_stats(path):
+    try:
+        with np.load(path) as f:
+            return f["mu"], f["sigma"]
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile) as e:
+        raise DataError(f"cannot read statistics (mu, sigma) from {path}: {e}") from None
+
+
+def stats_cache_name(dataset, split, size, n, variant):
+    """File name for cached statistics of real images, naming all they depend on. With a custom
+    weights file, pass its name as `variant`."""
+    return f"fid_stats_{dataset}_{split}_{size}px_n{n}_{variant}.npz"
+
+
+def cached_stats(path, compute):
+    """(mu, sigma) from the .npz at `path` if it exists; else compute() them and save them there."""
+    if os.path.exists(path):
+        return load_stats(path)
+    mu, sigma = compute()
+    save_stats(path, mu, sigma)
+    return mu, sigma
+
+
+def _read_images(paths):
+    images = []
+    for path in paths:
+        try:
+            with Image.open(path) as im:
+                images.append(np.asarray(im.convert("RGB")))
+        except (OSError, ValueError) as e:  # PIL's UnidentifiedImageError is an OSError
+            raise DataError(f"cannot read image {path}: {e}") from None
+    if len({im.shape for im in images}) > 1:
+        raise DataError(f"images of different sizes near {paths[0]}: resize them to one size first")
+    return np.stack(images)
+
+
+INPUTS = "a folder of images, a uint8 (N, H, W, 3) array in .npy/.npz, or a statistics .npz (mu, sigma)"
+
+
+def input_stats(path, get_model, batch_size, device):
+    """Statistics of a command-line input: a folder of images, a uint8 .npy/.npz array or a stats .npz."""
+    if not os.path.exists(path):
+        raise DataError(f"{path} does not exist")
+    if os.path.isdir(path):
+        paths = list_images(path)
+        if not paths:
+            raise DataError(f"no images found in folder {path}")
+        images = (_read_images(paths[i:i + batch_size]) for i in range(0, len(paths), batch_size))
+    elif path.endswith((".npy", ".npz")):
+        try:
+            data = np.load(path, allow_pickle=False)
+        except (OSError, ValueError, zipfile.BadZipFile) as e:
+            raise DataError(f"cannot read {path}: {e}") from None
+        if isinstance(data, np.lib.npyio.NpzFile):
+            with data:
+                if {"mu", "sigma"} <= set(data.files):
+                    return data["mu"], data["sigma"]
+                if len(data.files) != 1:
+                    raise DataError(f"{path} holds {data.files}: expected mu and sigma, or one image array")
+                data = data[data.files[0]]
+        images = _check_array(data)  # before loading the weights
+    else:
+        raise DataError(f"{path}: expected {INPUTS}")
+    return feature_stats(get_model(), images, batch_size, device, desc=path)
+
+
+def bench(variant, batch_size, img_size, device, warmup=1, steps=5):
+    """Images/second of the feature extractor with random weights on one fixed batch."""
+    model = InceptionV3(variant).to(device, memory_format=torch.channels_last).eval()
+    x = torch.rand(batch_size, 3, img_size, img_size, device=device)
+    cuda = torch.device(device).type == "cuda"
+    with torch.no_grad(), exact_fp32():
+        for step in range(warmup + steps):
+            if step == warmup:
+                if cuda:
+                    torch.cuda.synchronize()
+                start = time.perf_counter()
+            model(x)
+        if cuda:
+            torch.cuda.synchronize()
+    rate = steps * batch_size / (time.perf_counter() - start)
+    print("device:", torch.cuda.get_device_name(device) if cuda else f"cpu, {torch.get_num_threads()} threads")
+    print(f"inception ({variant}, random weights, fp32, channels_last): {rate:.1f} images/s (batch {batch_size},"
+          f" {img_size}x{img_size} resized to 299x299, {warmup} warm-up + {steps} timed batches)")
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("a", nargs="?", help=f"first input: {INPUTS}")
+    p.add_argument("b", nargs="?", help="second input, of the same kinds (optional with --save-stats)")
+    p.add_argument("--save-stats", metavar="OUT.npz", help="save the statistics (mu, sigma) of A here")
+    p.add_argument("--inception", choices=list(URLS), default="torchvision",
+                   help="Inception weights: 'tf' is the standard FID network (the TF 2015-12-05 graph as "
+                        "ported by pytorch-fid) and gives the FIDs comparable with the paper and the "
+                        "literature; 'torchvision' (ImageNet weights) gives FIDs on another scale")
+    p.add_argument("--inception-weights", metavar="PATH",
+                   help="load the Inception weights from this local file instead of downloading them")
+    p.add_argument("--batch-size", type=int, default=200, help="images per Inception forward pass")
+    p.add_argument("--device", default=default_device(), help="torch device for the Inception network")
+    p.add_argument("--bench", action="store_true",
+                   help="print the Inception images/second on --device with random weights, then exit")
+    p.add_argument("--img-size", type=int, default=32, help="side of the random --bench images")
+    args = p.parse_args(argv)
+    if not args.bench and (args.a is None or (args.b is None and not args.save_stats)):
+        p.error("give two inputs A B, or one input and --save-stats OUT.npz (or --bench)")
+    try:
+        if args.bench:
+            bench(args.inception, args.batch_size, args.img_size, args.device)
+            return 0
+        # loaded only when an input is not a statistics file: two .npz statistics need no weights
+        get_model = functools.cache(lambda: load_inception(args.inception, args.inception_weights,
+                                                           args.device))
+        mu1, sigma1 = input_stats(args.a, get_model, args.batch_size, args.device)
+        if args.save_stats:
+            save_stats(args.save_stats, mu1, sigma1)
+        if args.b is not None:
+            mu2, sigma2 = input_stats(args.b, get_model, args.batch_size, args.device)
+            print(f"{frechet_distance(mu1, sigma1, mu2, sigma2):.6f}")
+    except DataError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
