@@ -226,7 +226,8 @@ def train(args):
         torch.set_rng_state(ck["rng"]["cpu"])
         if dev.type == "cuda" and "cuda" in ck["rng"]:
             torch.cuda.set_rng_state(ck["rng"]["cuda"], dev)
-    history = rewrite_metrics(os.path.join(out, "metrics.jsonl"), stage, start)
+    history = ck["history"] if ck else []
+    rewrite_metrics(os.path.join(out, "metrics.jsonl"), stage, history)
     step = make_step(model, opt, args)
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda signum, frame: STOP.append(signum))
@@ -234,7 +235,7 @@ def train(args):
     def checkpoint(epoch, step_in_epoch=0, partial=None):
         rng = {"cpu": torch.get_rng_state(), **({"cuda": torch.cuda.get_rng_state(dev)} if dev.type == "cuda" else {})}
         save_checkpoint(path, config=cfg, model=model.state_dict(), optimizer=opt.state_dict(), epoch=epoch,
-                        step=step_in_epoch, partial=partial, rng=rng)
+                        step=step_in_epoch, partial=partial, rng=rng, history=history)
 
     def interrupted(where):
         print(f"interrupted: saved {path} {where}; continue with the same command plus --resume", file=sys.stderr)
@@ -268,10 +269,10 @@ def train(args):
         row = dict(stage=stage, epoch=epoch + 1, loss=loss, kl=kl, mse=mse, gamma=model.gamma().item(),
                    var_law=var_law.mean().item(), inactive=int((e_var >= 0.8).sum()), lr=lr, seconds=seconds,
                    images_per_s=n * args.batch_size / seconds, latent_var=[round(v, 5) for v in e_var.tolist()])
-        checkpoint(epoch + 1)  # checkpoint first, then the metrics line (see rewrite_metrics)
+        history.append(row)
+        checkpoint(epoch + 1)  # first the checkpoint, which holds the row too, then the metrics line
         with open(os.path.join(out, "metrics.jsonl"), "a") as f:
             f.write(json.dumps(row) + "\n")
-        history.append(row)
         print(f"stage {stage} epoch {epoch + 1}/{args.epochs}  loss {loss:.2f}  mse {mse:.5f}  kl {kl:.2f}  "
               f"gamma {row['gamma']:.4f}  var_law {row['var_law']:.3f}  inactive {row['inactive']}/{len(e_var)}  "
               f"lr {lr:.2e}  {row['images_per_s']:.0f} img/s  {seconds:.1f}s", flush=True)
@@ -289,18 +290,16 @@ def check_finite(rec, epoch, ckpt_path):
                         f"checkpoint {ckpt_path} is kept (if any); try a lower --lr or --amp none.")
 
 
-def rewrite_metrics(path, stage, epoch):
-    """Keep the metric lines that precede (stage, epoch) and return this stage's. The checkpoint is
-    written before its metrics line, so a kill between the two leaves a line missing, never one
-    extra; lines past the checkpoint (or of a stage being redone) are dropped, so none repeats."""
+def rewrite_metrics(path, stage, history):
+    """metrics.jsonl := the lines of earlier stages + this stage's history from the checkpoint. The
+    checkpoint is written before each line is appended, so a kill between the two, or a line past
+    the checkpoint, can leave neither a gap nor a duplicate after a resume."""
     rows = []
     if os.path.exists(path):
         with open(path) as f:
-            rows = [json.loads(line) for line in f if line.strip()]
-    keep = [r for r in rows if r["stage"] < stage or (r["stage"] == stage and r["epoch"] <= epoch)]
+            rows = [r for r in map(json.loads, filter(str.strip, f)) if r["stage"] < stage]
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    data.atomic_write(path, lambda f: f.write("".join(json.dumps(r) + "\n" for r in keep).encode()))
-    return [r for r in keep if r["stage"] == stage]
+    data.atomic_write(path, lambda f: f.write("".join(json.dumps(r) + "\n" for r in rows + history).encode()))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -445,11 +444,15 @@ def bench(args, warmup=3, steps=10):
 
 def main(argv=None):
     args = parse_args(argv)
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         evaluate(args) if args.eval else bench(args) if args.bench else train(args)
     except DataError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
+    finally:  # train() catches SIGINT/SIGTERM; give them back (processes forked later must die by them)
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
 
 
 if __name__ == "__main__":

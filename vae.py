@@ -19,6 +19,8 @@ Deviations from the paper and the reference code:
   a one-pixel shift of the sampling grid, immaterial for a network trained from scratch.
 - Batch norm's running variance: PyTorch updates it with the unbiased batch variance, TF with
   the biased one; at 100 x H x W values per channel the factor n / (n - 1) is below 1.0001.
+- Two-stage samples decode z = f2(u) itself, as the authors' released code does; Dai & Wipf's
+  code samples z ~ N(f2(u), gamma_z^2 I). The paper does not say; its numbers come from the former.
 - The decoder's first dense output is reshaped channels-first (C, 2, 2) instead of TF's
   (2, 2, C): a fixed permutation of a freshly initialised layer, so the same model family.
 """
@@ -255,9 +257,10 @@ def reconstruct(m1, x, g):
 
 @torch.no_grad()
 def sample_latents(m1, m2, n, g, device):
-    """GEN-1: z ~ N(0, I). GEN-2: u ~ N(0, I), z ~ N(f2(u), gamma_z^2 I), as Dai & Wipf's generate()."""
+    """GEN-1: z ~ N(0, I). GEN-2: u ~ N(0, I), z = f2(u), the stage-2 decoder's mean, as the authors'
+    released generate() does (Dai & Wipf's adds gamma_z * eps; see the module docstring)."""
     z = randn(g, n, m1.mu.out_features, device=device)
-    return z if m2 is None else m2.decode(z) + m2.gamma() * randn(g, *z.shape, device=device)
+    return z if m2 is None else m2.decode(z)
 
 
 # ---------------------------------------------------------------------------------------------
