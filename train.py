@@ -73,9 +73,9 @@ def parse_args(argv=None):
     a("--seed", type=int, default=0, help="random seed")
     a("--device", help="torch device; default cuda if available, else cpu")
     a("--sample-every", type=int, default=50, help="write sample grids every N epochs (and after the last)")
-    a("--amp", default="none", choices=("none", "bf16"), help="bf16 autocast of the networks (CUDA); loss and gamma stay fp32")
+    a("--amp", default="none", choices=("none", "bf16"), help="bf16 autocast of the networks (GPUs, AMX CPUs); loss and gamma stay fp32")
     a("--compile", action=argparse.BooleanOptionalAction, help="torch.compile the networks (with CUDA graphs on "
-      "CUDA); default on for CUDA, off for CPU")
+      "CUDA); default on for stage 1 on CUDA, where it was measured, else off")
     a("--n-eval", type=int, default=10000, help="test images (and samples) for --eval (paper: 10,000)")
     a("--no-fid", action="store_true", help="--eval without Inception: mse, variance law and inactive latents only")
     a("--inception", default="torchvision", choices=("torchvision", "tf"), help="FID weights; tf gives FIDs comparable with the paper")
@@ -95,8 +95,8 @@ def parse_args(argv=None):
     args.second_dim = args.second_dim or (2048 if side <= 32 else 4096)
     args.out = args.out or os.path.join("runs", args.dataset)
     args.device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    # measured on an H200: 3x the images/s at batch 100, mse and gamma within run-to-run noise (README)
-    args.compile = args.device.type == "cuda" if args.compile is None else args.compile
+    # measured on an H200 for stage 1: 3x the images/s at batch 100, mse and gamma within run-to-run noise (README)
+    args.compile = args.device.type == "cuda" and args.stage == 1 if args.compile is None else args.compile
     return args
 
 
