@@ -20,6 +20,8 @@ loaded back memory-mapped: <data-dir>/cifar10_{split}.npy, <data-dir>/celeba/{sp
 where <key> hashes the folder's path and its images' paths, sizes and mtimes, so the user's
 folder is never written to and any change to it triggers a fresh cache. `Batches` keeps a
 split on the training device as one uint8 tensor and yields shuffled float batches in [0, 1].
+The PNG writers at the end (image grids, the latent-variance heatmap, log-scale curves) draw what
+train.py shows of a run with Pillow alone, as no plotting library is a dependency.
 
 Deviations from the reference:
 - Resizing always names its PIL filter, default bilinear. The reference preprocessing used
@@ -403,44 +405,6 @@ class Batches:
             yield self.x[idx].permute(0, 3, 1, 2).float().div_(255)
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description="Prepare and cache a dataset, then print each split's image "
-                                "count, shape and mean R, G, B (0-255).",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--dataset", required=True, choices=DATASETS,
-                   help="cifar10 is downloaded; celeba must be put in DATA_DIR/celeba/ by hand (see README); "
-                        "folder is any tree of images at DATA_DIR")
-    p.add_argument("--data-dir", default="data",
-                   help="cifar10: where the tarball and caches go; celeba: the folder holding celeba/; "
-                        f"folder: the image tree, whose train/ and test/ subfolders are the splits, else "
-                        f"every {FOLDER_TEST_EVERY}th image by sorted path is test")
-    p.add_argument("--img-size", type=int, default=None,
-                   help="side of the square images; None means 32 for cifar10 (its only size), 64 otherwise")
-    p.add_argument("--resize", default="bilinear", choices=RESIZE_MODES,
-                   help="PIL filter for celeba and folder; nearest makes jaggies (paper Fig. 3)")
-    p.add_argument("--preview", metavar="PNG",
-                   help="also write the first 64 train images as a grid to this PNG")
-    args = p.parse_args(argv)
-    try:
-        for split in SPLITS[args.dataset]:
-            x = load_split(args.dataset, split, args.data_dir, args.img_size, args.resize)
-            r, g, b = x.mean(axis=(0, 1, 2))
-            shape = "x".join(map(str, x.shape[1:]))
-            print(f"{split:5s} {len(x):7d} images  {shape}  mean R,G,B {r:.2f} {g:.2f} {b:.2f}")
-        if args.preview:
-            train = load_split(args.dataset, "train", args.data_dir, args.img_size, args.resize)
-            save_grid(train[:64], args.preview)
-            print(f"wrote {args.preview}", file=sys.stderr)
-    except DataError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
-
-
 # ---------------------------------------------------------------- pictures of training (PNG, no plotting library)
 
 def to_uint8(x):
@@ -482,3 +446,42 @@ def save_curves(series, path, title, w=520, h=320, m=48):
         d.text((w - 130, m // 2 + 6 + 12 * j), name, fill=color)
     d.text((m, h - m + 8), f"epoch 1 .. {max(map(len, series.values()))}", fill="black")
     atomic_write(path, lambda f: img.save(f, format="PNG"))
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="Prepare and cache a dataset, then print each split's image "
+                                "count, shape and mean R, G, B (0-255).",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--dataset", required=True, choices=DATASETS,
+                   help="cifar10 is downloaded; celeba must be put in DATA_DIR/celeba/ by hand (see README); "
+                        "folder is any tree of images at DATA_DIR")
+    p.add_argument("--data-dir", default="data",
+                   help="cifar10: where the tarball and caches go; celeba: the folder holding celeba/; "
+                        f"folder: the image tree, whose train/ and test/ subfolders are the splits, else "
+                        f"every {FOLDER_TEST_EVERY}th image by sorted path is test")
+    p.add_argument("--img-size", type=int, default=None,
+                   help="side of the square images; None means 32 for cifar10 (its only size), 64 otherwise")
+    p.add_argument("--resize", default="bilinear", choices=RESIZE_MODES,
+                   help="PIL filter for celeba and folder; nearest makes jaggies (paper Fig. 3)")
+    p.add_argument("--preview", metavar="PNG",
+                   help="also write the first 64 train images as a grid to this PNG")
+    args = p.parse_args(argv)
+    try:
+        for split in SPLITS[args.dataset]:
+            x = load_split(args.dataset, split, args.data_dir, args.img_size, args.resize)
+            r, g, b = x.mean(axis=(0, 1, 2))
+            shape = "x".join(map(str, x.shape[1:]))
+            print(f"{split:5s} {len(x):7d} images  {shape}  mean R,G,B {r:.2f} {g:.2f} {b:.2f}")
+        if args.preview:
+            train = load_split(args.dataset, "train", args.data_dir, args.img_size, args.resize)
+            save_grid(train[:64], args.preview)
+            print(f"wrote {args.preview}", file=sys.stderr)
+    except DataError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+

@@ -1026,3 +1026,18 @@ def test_fast_step_equals_plain_step(variant):
     for k in w_plain:
         if not re.search(r"body\.2\.bias$", k):
             torch.testing.assert_close(w_fast[k], w_plain[k], rtol=1e-4, atol=5e-5)
+
+
+def test_to_uint8_inverts_batches():
+    x = np.random.default_rng(0).integers(0, 256, (7, 5, 6, 3), dtype=np.uint8)
+    (batch,) = data.Batches(x, 7, shuffle=False).epoch(0)
+    np.testing.assert_array_equal(data.to_uint8(batch), x)
+
+
+def test_heatmap_cells(tmp_path):
+    """Row r, column c of the matrix is the cell at (30 + r * h, 10 + c * w), coloured from dark blue
+    (0, an active latent) through teal (0.5) to yellow (1, inactive)."""
+    data.save_heatmap(np.array([[0.0, 1.0], [0.5, 0.25]]), tmp_path / "h.png", "title", cell=(3, 2))
+    img = np.asarray(Image.open(tmp_path / "h.png"))
+    assert [tuple(img[y, x]) for y, x in ((30, 10), (30, 13), (32, 10), (33, 15))] == \
+        [(20, 30, 90), (250, 230, 60), (40, 150, 140), (30, 90, 115)]
