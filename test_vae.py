@@ -262,7 +262,10 @@ def test_clear_errors(tiny, capsys):
             run(*argv)
         return capsys.readouterr().err
     assert "train stage 1 first" in fails("--stage", "2", "--epochs", "1")
+    assert "train stage 1 first" in fails("--epochs", "1", "--resume")
+    assert "train stage 1 first" in fails("--eval", "--no-fid")
     run("--epochs", "1")
+    assert "train stage 2 first" in fails("--stage", "2", "--epochs", "1", "--resume")
     assert "--resume" in fails("--epochs", "2")
     assert "--img-size 16" in fails("--epochs", "2", "--resume", "--img-size", "32")
     path = os.path.join(out, "stage1.pt")

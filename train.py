@@ -109,7 +109,9 @@ def build(cfg, stage):
 
 def load_checkpoint(path, device):
     if not os.path.exists(path):
-        raise DataError(f"no checkpoint at {path}: train stage 1 first (python train.py --stage 1 with the same --out).")
+        stage = "2" if path.endswith("stage2.pt") else "1"
+        raise DataError(f"no checkpoint at {path}: train stage {stage} first (python train.py --stage {stage} with "
+                        "the same --out and data options).")
     try:
         return torch.load(path, map_location=device, weights_only=True)
     except Exception as e:
@@ -242,6 +244,8 @@ def train(args):
         sys.exit(128 + STOP[0])
 
     n = len(batches)
+    if start >= args.epochs:
+        print(f"{path} has already trained {start} epochs; pass a larger --epochs to train more", file=sys.stderr)
     for epoch in range(start, args.epochs):
         lr = args.lr * 0.5 ** (epoch // args.halve_every)  # halved every --halve-every epochs (paper 4.1)
         for group in opt.param_groups:
