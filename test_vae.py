@@ -1044,3 +1044,34 @@ def test_heatmap_cells(tmp_path):
     img = np.asarray(Image.open(tmp_path / "h.png"))
     assert [tuple(img[y, x]) for y, x in ((30, 10), (30, 13), (32, 10), (33, 15))] == \
         [(20, 30, 90), (250, 230, 60), (40, 150, 140), (30, 90, 115)]
+
+
+def test_training_flops_match_a_count_by_layer_shapes():
+    """--bench's FLOPs: 2 * multiply-adds of every convolution and dense layer, found from the
+    shapes each layer sees; backward costs twice the forward (gradients of input and weight),
+    except the first convolution, whose input (the images) needs no gradient."""
+    args = train.parse_args(TINY)
+    model = train.build(vars(args), 1)
+    x = torch.rand(10, 3, 16, 16)
+    counts = []
+    def count(m, inp, out):
+        if isinstance(m, torch.nn.Linear):
+            counts.append(2 * m.in_features * m.out_features * len(inp[0]))
+        else:  # a transposed convolution does its multiply-adds per input pixel, a convolution per output pixel
+            pixels = (inp[0] if isinstance(m, torch.nn.ConvTranspose2d) else out)[0, 0].numel()
+            counts.append(2 * m.in_channels * m.out_channels * m.kernel_size[0] * m.kernel_size[1] * pixels * len(out))
+    for m in model.modules():
+        if isinstance(m, (torch.nn.Conv2d, torch.nn.ConvTranspose2d, torch.nn.Linear)):
+            m.register_forward_hook(count)
+    flops = train.training_flops(model, x, 1.0)
+    assert flops == 3 * sum(counts) - counts[0]
+
+
+def test_bench_prints_rates_and_flops(capsys):
+    train.main([*TINY, "--bench", "--dataset", "folder"])
+    out = capsys.readouterr().out
+    ips, ms = map(float, re.search(r"([\d.]+) images/s\s+([\d.]+) ms/step", out).groups())
+    assert ips == pytest.approx(10 / ms * 1000, rel=0.01)  # batch 10
+    model = train.build(vars(train.parse_args(TINY)), 1)
+    assert f"{train.training_flops(model, torch.rand(10, 3, 16, 16), 1.0) / 10 / 1e9:.3f} GFLOP/image" in out
+    assert "of measured fp32 2048^3 matmul" in out and "speed-up" in out

@@ -410,10 +410,17 @@ def per_call(fn, n, sync=lambda: None):
     return (time.perf_counter() - t) / n
 
 
+def training_flops(model, x, kl_weight):
+    """FLOPs of one training step's forward and backward, as torch.utils.flop_counter counts them."""
+    from torch.utils.flop_counter import FlopCounterMode
+    with FlopCounterMode(display=False) as counter:
+        model.loss(x, model(x), kl_weight)[0].backward()
+    return counter.get_total_flops()
+
+
 def bench(args, warmup=3, steps=10):
     """Time the training step as configured and, side by side, a plain fp32 step of the same network
     (NCHW memory, no autocast, no compile); count its FLOPs; compare with a reference peak."""
-    from torch.utils.flop_counter import FlopCounterMode
     dev = args.device
     sync = torch.cuda.synchronize if dev.type == "cuda" else lambda: None
     shape = (args.batch_size, 3, args.img_size, args.img_size) if args.stage == 1 else (args.batch_size, args.latent_dim)
@@ -427,9 +434,7 @@ def bench(args, warmup=3, steps=10):
         return per_call(lambda: step(xf), steps, sync), model
     plain, _ = seconds_per_step(torch.contiguous_format, argparse.Namespace(**{**vars(args), "amp": "none", "compile": False}))
     dt, model = seconds_per_step(torch.channels_last, args)
-    with FlopCounterMode(display=False) as counter:  # forward + backward of one step
-        model.loss(x, model(x), args.kl_weight)[0].backward()
-    flops = counter.get_total_flops() / args.batch_size
+    flops = training_flops(model, x, args.kl_weight) / args.batch_size
     if dev.type == "cpu":  # reference peak: the best of 5 float32 2048x2048 matrix multiplications
         a = torch.randn(2048, 2048)
         peak, peak_name = 2 * 2048 ** 3 / min(per_call(lambda: a @ a, 1) for _ in range(5)), "measured fp32 2048^3 matmul"
