@@ -28,7 +28,6 @@ import math
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 HALF_LOG_TWO_PI = 0.5 * math.log(2 * math.pi)
 
