@@ -126,10 +126,6 @@ def load_model(path, stage, device):
     return model.eval(), ck
 
 
-def save_checkpoint(path, **state):
-    data.atomic_write(path, lambda f: torch.save(state, f))
-
-
 class Latents:
     """Stage-2 data (Dai & Wipf): the training set encoded once by the frozen stage-1 encoder;
     every epoch a fresh z = mu + sigma * eps, shuffled, in minibatches."""
@@ -236,8 +232,9 @@ def train(args):
 
     def checkpoint(epoch, step_in_epoch=0, partial=None):
         rng = {"cpu": torch.get_rng_state(), **({"cuda": torch.cuda.get_rng_state(dev)} if dev.type == "cuda" else {})}
-        save_checkpoint(path, config=cfg, model=model.state_dict(), optimizer=opt.state_dict(), epoch=epoch,
-                        step=step_in_epoch, partial=partial, rng=rng, history=history)
+        state = dict(config=cfg, model=model.state_dict(), optimizer=opt.state_dict(), epoch=epoch, step=step_in_epoch,
+                     partial=partial, rng=rng, history=history)
+        data.atomic_write(path, lambda f: torch.save(state, f))  # a kill at any moment leaves the last complete one
 
     def interrupted(where):
         print(f"interrupted: saved {path} {where}; continue with the same command plus --resume", file=sys.stderr)
@@ -306,9 +303,7 @@ def rewrite_metrics(path, stage, history):
     data.atomic_write(path, lambda f: f.write("".join(json.dumps(r) + "\n" for r in rows + history).encode()))
 
 
-# ---------------------------------------------------------------------------------------------
-# Sampling and pictures
-# ---------------------------------------------------------------------------------------------
+# --- Sampling and pictures ---
 @torch.no_grad()
 def decode_all(m1, z, batch=500):
     return np.concatenate([data.to_uint8(m1.decode(c)) for c in z.split(batch)])
@@ -341,9 +336,7 @@ def write_pictures(history, m1, m2, fixed, out, tag, seed, grids):
     data.save_grid(decode_all(m1, vae.sample_latents(m1, m2, 64, g, dev)), os.path.join(out, f"samples_{tag}.png"))
 
 
-# ---------------------------------------------------------------------------------------------
-# Evaluation (paper section 4: REC, GEN-1, GEN-2 FID on 10,000 test images, mse, eq. 6, footnote 3)
-# ---------------------------------------------------------------------------------------------
+# --- Evaluation (paper section 4: REC, GEN-1, GEN-2 FID on 10,000 test images, mse, eq. 6, footnote 3) ---
 @torch.no_grad()
 def evaluate(args):
     dev = args.device
@@ -394,9 +387,7 @@ def evaluate(args):
     return res
 
 
-# ---------------------------------------------------------------------------------------------
-# --bench: training speed on synthetic data of the dataset's shape (no download)
-# ---------------------------------------------------------------------------------------------
+# --- --bench: training speed on synthetic data of the dataset's shape (no download) ---
 PEAKS = {"H100": (989e12, 67e12), "H200": (989e12, 67e12), "A100": (312e12, 19.5e12)}  # dense bf16, fp32
 
 
