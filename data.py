@@ -92,6 +92,18 @@ def progress(iterable, total=None, desc=""):
         print(file=sys.stderr, flush=True)
 
 
+def seconds_per_call(fn, n, device="cpu"):
+    """Mean wall-clock seconds of fn() over n calls; a CUDA device is synchronised before and after,
+    so queued GPU work is counted (the benchmark modes of train.py and fid.py)."""
+    sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
+    sync()
+    start = time.perf_counter()
+    for _ in range(n):
+        fn()
+    sync()
+    return (time.perf_counter() - start) / n
+
+
 def atomic_write(path, write):
     """Call write(f) on a temporary file beside `path`, then rename it into place, so an
     interruption never leaves a half-written file that later loads as garbage."""

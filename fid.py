@@ -27,7 +27,6 @@ import functools
 import os
 import pickle
 import sys
-import time
 import zipfile
 
 import numpy as np
@@ -36,7 +35,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
 
-from data import DataError, atomic_write, list_images, progress
+from data import DataError, atomic_write, list_images, progress, seconds_per_call
 
 URLS = {
     "torchvision": "https://download.pytorch.org/models/inception_v3_google-0cc3c7bd.pth",
@@ -414,17 +413,10 @@ def bench(variant, batch_size, img_size, device, warmup=1, steps=5):
     """Images/second of the feature extractor with random weights on one fixed batch."""
     model = InceptionV3(variant).to(device, memory_format=torch.channels_last).eval()
     x = torch.rand(batch_size, 3, img_size, img_size, device=device)
-    cuda = torch.device(device).type == "cuda"
     with torch.no_grad(), exact_fp32():
-        for step in range(warmup + steps):
-            if step == warmup:
-                if cuda:
-                    torch.cuda.synchronize()
-                start = time.perf_counter()
-            model(x)
-        if cuda:
-            torch.cuda.synchronize()
-    rate = steps * batch_size / (time.perf_counter() - start)
+        seconds_per_call(lambda: model(x), warmup, device)
+        rate = batch_size / seconds_per_call(lambda: model(x), steps, device)
+    cuda = torch.device(device).type == "cuda"
     print("device:", torch.cuda.get_device_name(device) if cuda else f"cpu, {torch.get_num_threads()} threads")
     print(f"inception ({variant}, random weights, fp32, channels_last): {rate:.1f} images/s (batch {batch_size},"
           f" {img_size}x{img_size} resized to 299x299, {warmup} warm-up + {steps} timed batches)")

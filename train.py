@@ -391,16 +391,6 @@ def evaluate(args):
 PEAKS = {"H100": (989e12, 67e12), "H200": (989e12, 67e12), "A100": (312e12, 19.5e12)}  # dense bf16, fp32
 
 
-def per_call(fn, n, sync=lambda: None):
-    """Mean wall-clock seconds of fn() over n calls, the device synchronised before and after."""
-    sync()
-    t = time.perf_counter()
-    for _ in range(n):
-        fn()
-    sync()
-    return (time.perf_counter() - t) / n
-
-
 def training_flops(model, x, kl_weight):
     """FLOPs of one training step's forward and backward, as torch.utils.flop_counter counts them."""
     from torch.utils.flop_counter import FlopCounterMode
@@ -413,7 +403,6 @@ def bench(args, warmup=3, steps=10):
     """Time the training step as configured and, side by side, a plain fp32 step of the same network
     (NCHW memory, no autocast, no compile); count its FLOPs; compare with a reference peak."""
     dev = args.device
-    sync = torch.cuda.synchronize if dev.type == "cuda" else lambda: None
     shape = (args.batch_size, 3, args.img_size, args.img_size) if args.stage == 1 else (args.batch_size, args.latent_dim)
     x = torch.rand(shape, device=dev)
 
@@ -421,14 +410,14 @@ def bench(args, warmup=3, steps=10):
         model = build(vars(args), args.stage).to(dev, memory_format=fmt)
         step = make_step(model, make_optimizer(model, args.lr, dev), a)
         xf = x.contiguous(memory_format=fmt) if x.dim() == 4 else x
-        per_call(lambda: step(xf), warmup, sync)
-        return per_call(lambda: step(xf), steps, sync), model
+        data.seconds_per_call(lambda: step(xf), warmup, dev)
+        return data.seconds_per_call(lambda: step(xf), steps, dev), model
     plain, _ = seconds_per_step(torch.contiguous_format, argparse.Namespace(**{**vars(args), "amp": "none", "compile": False}))
     dt, model = seconds_per_step(torch.channels_last, args)
     flops = training_flops(model, x, args.kl_weight) / args.batch_size
     if dev.type == "cpu":  # reference peak: the best of 5 float32 2048x2048 matrix multiplications
         a = torch.randn(2048, 2048)
-        peak, peak_name = 2 * 2048 ** 3 / min(per_call(lambda: a @ a, 1) for _ in range(5)), "measured fp32 2048^3 matmul"
+        peak, peak_name = 2 * 2048 ** 3 / min(data.seconds_per_call(lambda: a @ a, 1) for _ in range(5)), "measured fp32 2048^3 matmul"
     else:
         name = torch.cuda.get_device_name(dev)
         peak = next((v[args.amp != "bf16"] for k, v in PEAKS.items() if k in name), None)
