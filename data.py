@@ -1,7 +1,7 @@
 """Data for the two-stage VAE: CIFAR-10, CelebA and any image folder, as uint8 arrays.
 
 The paper (Asperti & Trentin 2020) trains on CIFAR-10 at 32x32 (section 4.1) and CelebA at
-64x64 (section 4.2); the preprocessing facts are in ../shared/REFERENCE.md, "Data".
+64x64 (section 4.2), with the preprocessing of Dai & Wipf's and the authors' released code.
 
 - cifar10: the official python tarball, downloaded into --data-dir, MD5-checked and read with a
   restricted unpickler; 50,000 train / 10,000 test images served at their native 32x32 only

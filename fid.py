@@ -11,10 +11,10 @@ weight files load into it; feature statistics; the Frechet distance; and a comma
     python fid.py --bench --batch-size 64  Inception images/second on this device (random weights)
 
 Only `--inception tf` (pytorch-fid's port of the TF graph) gives FIDs comparable with the paper and the
-literature; the default torchvision ImageNet weights give FIDs on another scale (REFERENCE.md).
+literature; the default torchvision ImageNet weights give FIDs on another scale.
 
 Deviations from the reference (pytorch-fid), each checked against it to float32 precision:
-- tr(sqrtm(s1 s2)) is summed from the eigenvalues of s1 s2 instead of scipy's sqrtm (REFERENCE.md): 1.6 s
+- tr(sqrtm(s1 s2)) is summed from the eigenvalues of s1 s2 instead of scipy's sqrtm (they agree to ~1e-9): 1.6 s
   instead of 10 s at 2048-d on 2 CPU cores; pytorch-fid's fallbacks stay (1e-6 * I when the root fails,
   large imaginary parts refused).
 - Speed: channels-last layout, and batch norm folded into the convolutions (inference only).
@@ -43,7 +43,7 @@ URLS = {
           "pt_inception-2015-12-05-6726825d.pth",
 }
 # torch.hub's check_hash needs a SHA-256 prefix at the end of the file name. torchvision's name has one
-# (REFERENCE.md). pytorch-fid never checks its file, but projects that pin it record its SHA-256 as
+# (torchvision names its weight files so). pytorch-fid never checks its file, but projects that pin it record its SHA-256 as
 # 6726825d0af5f729cebd5821db510b11b1cfad8faad88a03f1befd49fb9129b2 (95,628,359 bytes): the suffix is that
 # prefix, so both files are hash-checked; load_weights() then checks every name and shape as well.
 IGNORED = ("fc.", "AuxLogits.")  # the classifier heads: FID uses the 2048-d pool features before them
@@ -261,7 +261,7 @@ def load_inception(variant="torchvision", weights_path=None, device=None):
 
 @contextlib.contextmanager
 def exact_fp32():
-    """TF32 off inside (features drift with it, REFERENCE.md); the caller's settings restored after."""
+    """TF32 off inside (features drift with it); the caller's settings restored after."""
     saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
     torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
     try:

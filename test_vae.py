@@ -111,7 +111,7 @@ def test_stage1_shapes(side, num_scale):
 
 
 def test_stage1_matches_reference_layout():
-    # REFERENCE.md: for 32x32 with base 32 the decoder runs 512 (2x2) -> 256 -> 128 -> 64 -> 32 (32x32)
+    # Dai & Wipf's decoder: for 32x32 with base 32 the decoder runs 512 (2x2) -> 256 -> 128 -> 64 -> 32 (32x32)
     m = vae.VAE(32)
     ups = [mod for mod in m.decoder.modules() if isinstance(mod, torch.nn.ConvTranspose2d)]
     assert m.fc0.out_features == 4 * 512 and [u.out_channels for u in ups] == [256, 128, 64, 32]
@@ -350,7 +350,7 @@ def cifar_tarball(path, module="numpy._core", replace=None):
     Returns its MD5."""
     members, k = {}, 0
     for name, n in COUNTS.items():
-        # a b'data' row is the R plane, then G, then B, each row-major (REFERENCE.md)
+        # a b'data' row is the R plane, then G, then B, each row-major (the official format)
         rows = np.stack([np.concatenate([cifar_image(i)[:, :, c].ravel() for c in range(3)])
                          for i in range(k, k + n)])
         batch = {b"batch_label": name.encode(), b"labels": [i % 10 for i in range(n)], b"data": rows,

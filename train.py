@@ -4,9 +4,9 @@
     python train.py --dataset cifar10 --stage 2     # stage-2 VAE on the stage-1 latents
     python train.py --dataset cifar10 --eval        # REC / GEN-1 / GEN-2 FID, mse, variance law
 
-Every default is the paper's value for the dataset (section 4.1 CIFAR-10, 4.2 CelebA; the table in
-REFERENCE.md). Outputs in --out: stage1.pt / stage2.pt (model, optimizer, config, epoch, gamma
-state, RNG state), metrics.jsonl (one object per epoch, both stages), sample grids, and
+Every default is the paper's value for the dataset (section 4.1 CIFAR-10, 4.2 CelebA, and the authors'
+released code). Outputs in --out: stage1.pt / stage2.pt (model, optimizer, config, epoch, gamma
+state, RNG state, metric rows), metrics.jsonl (one object per epoch, both stages), sample grids, and
 latent_variance.png (paper Fig. 6-7) and gamma.png.
 
 Deviations from the paper and the released code:
