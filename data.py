@@ -381,6 +381,12 @@ def _folder_split(root, split):
 
 # ---------------------------------------------------------------- batches for training
 
+def epoch_generator(seed, epoch):
+    """The CPU generator of one epoch's shuffle (and stage-2 noise): it depends only on (seed, epoch),
+    so a resumed run draws the same numbers without saving any RNG state."""
+    return torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+
+
 class Batches:
     """Minibatches of one split, kept on `device` as a single uint8 tensor (N, H, W, 3), a quarter
     of float32's memory, and converted per batch to float (B, 3, H, W) in [0, 1] on the device;
@@ -406,7 +412,7 @@ class Batches:
         """Iterator over the batches of epoch `e`. Its order depends only on (seed, e), so a run
         resumed at epoch e sees exactly the batches it would have seen."""
         if self.shuffle:
-            g = torch.Generator().manual_seed(self.seed * 1_000_003 + e)
+            g = epoch_generator(self.seed, e)
             order = torch.randperm(len(self.x), generator=g).to(self.device)
         else:
             order = torch.arange(len(self.x), device=self.device)

@@ -33,8 +33,8 @@ import vae
 from data import DataError
 
 # Paper settings per dataset: (stage 1, stage 2) epochs, learning rate, halving period (4.1, 4.2).
-PAPER = {"cifar10": dict(epochs=(700, 1400), lr=(1e-4, 1e-4), halve_every=(200, 100), l2=0.0, second_dim=2048),
-         "celeba": dict(epochs=(70, 140), lr=(5e-5, 5e-5), halve_every=(60, 120), l2=1e-3, second_dim=4096)}
+PAPER = {"cifar10": dict(epochs=(700, 1400), lr=(1e-4, 1e-4), halve_every=(200, 100), l2=0.0),
+         "celeba": dict(epochs=(70, 140), lr=(5e-5, 5e-5), halve_every=(60, 120), l2=1e-3)}
 
 
 class Help(argparse.ArgumentDefaultsHelpFormatter):
@@ -137,7 +137,7 @@ class Latents:
         return len(self.mu) // self.batch_size
 
     def epoch(self, e):
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + e)
+        g = data.epoch_generator(self.seed, e)
         z = self.mu + self.sd * torch.randn(self.mu.shape, generator=g).to(self.mu.device)
         perm = torch.randperm(len(z), generator=g).to(z.device)
         return (z[perm[i * self.batch_size:(i + 1) * self.batch_size]] for i in range(len(self)))
@@ -347,10 +347,10 @@ def evaluate(args):
     split = data.load_split(cfg["dataset"], "test", args.data_dir, cfg["img_size"], cfg["resize"])
     test = split[:args.n_eval]
     g = torch.Generator().manual_seed(cfg["seed"])
-    recon, mus, logsds, sse = [], [], [], 0.0
+    recon, mus, logsds, sse = [], [], [], 0
     for x in data.Batches(test, 500, dev, shuffle=False, drop_last=False).epoch(0):
         r, mu, logsd = vae.reconstruct(m1, x, g)
-        sse += (x - r).square().sum().item()
+        sse = sse + (x - r).square().sum()  # on the device; read once below
         recon.append(data.to_uint8(r)), mus.append(mu), logsds.append(logsd)
     recon = np.concatenate(recon)
     var_law, e_var = vae.variance_law(torch.cat(mus), torch.cat(logsds))
@@ -361,7 +361,7 @@ def evaluate(args):
         if args.latent_norm:  # paper 4.2: average per-latent std of generated z := sqrt(variance law)
             z = z * (var_law.mean().sqrt().float() / z.std(0).mean())
         gen2 = decode_all(m1, z)
-    res = dict(rec_fid=None, gen1_fid=None, gen2_fid=None, mse=sse / test[:len(recon)].size,
+    res = dict(rec_fid=None, gen1_fid=None, gen2_fid=None, mse=sse.item() / test[:len(recon)].size,
                var_law=var_law.mean().item(), inactive=int((e_var >= 0.8).sum()), n=len(test),
                inception=None if args.no_fid else args.inception, latent_norm=args.latent_norm,
                epochs=ck["epoch"], epochs2=ck2["epoch"] if ck2 else None)

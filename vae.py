@@ -76,7 +76,7 @@ class ComputedGamma(nn.Module):
       batches only).
     - gamma is a buffer, not a parameter: it enters the loss as a constant (no gradient), and it
       is saved in the state_dict, so a checkpoint resumes the same estimate.
-    The update is one min and one lerp of device tensors, so it needs no host synchronisation.
+    The update is a multiply-add and a min of device tensors, so it needs no host synchronisation.
     """
 
     def __init__(self):
