@@ -20,8 +20,6 @@ loaded back memory-mapped: <data-dir>/cifar10_{split}.npy, <data-dir>/celeba/{sp
 where <key> hashes the folder's path and its images' paths, sizes and mtimes, so the user's
 folder is never written to and any change to it triggers a fresh cache. `Batches` keeps a
 split on the training device as one uint8 tensor and yields shuffled float batches in [0, 1].
-The PNG writers at the end (image grids, the latent-variance heatmap, log-scale curves) draw what
-train.py shows of a run with Pillow alone, as no plotting library is a dependency.
 
 Deviations from the reference:
 - Resizing always names its PIL filter, default bilinear. The reference preprocessing used
@@ -75,20 +73,24 @@ class DataError(Exception):
     """An expected failure (missing file, bad input): main() prints it without a traceback."""
 
 
-def progress(iterable, total=None, desc=""):
-    """Yield from `iterable`, redrawing one progress line on stderr (no tqdm dependency)."""
-    total = len(iterable) if total is None and hasattr(iterable, "__len__") else total
+def progress(items, total, desc, unit="images", size=len, done=0):
+    """Yield from `items`, redrawing one line on stderr at most 4 times a second (no tqdm):
+    `desc done/total unit, rate unit/s, ETA m:ss`. Each item holds size(item) units; `done` units
+    were finished before this call (a resumed epoch), and the rate counts only this call's.
+    It reads nothing but the host clock, so it adds no device synchronisation to a CUDA loop."""
     start = last = time.time()
-    n = 0
-    for n, item in enumerate(iterable, 1):
+    first = done
+    for item in items:
         yield item
+        done += size(item)
         now = time.time()
-        if now - last > 0.5 or n == total:
+        if now - last >= 0.25 or done == total:
             last = now
-            rate = n / max(now - start, 1e-9)
-            done = f"{n}/{total}" if total else str(n)
-            print(f"\r{desc} {done} ({rate:.1f}/s)", end="", file=sys.stderr, flush=True)
-    if n:
+            rate = (done - first) / max(now - start, 1e-9)
+            eta = int((total - done) / rate) if total and rate > 0 else 0
+            print(f"\r{desc} {done:.0f}/{total or '?'} {unit}, {rate:.0f} {unit}/s, "
+                  f"ETA {eta // 60}:{eta % 60:02d}", end="", file=sys.stderr, flush=True)
+    if done > first:
         print(file=sys.stderr, flush=True)
 
 
@@ -223,7 +225,8 @@ def _download(url, path, md5):
         digest = hashlib.md5()
         with urllib.request.urlopen(url, timeout=60) as r:
             mib = -(-int(r.headers.get("Content-Length") or 0) // (1 << 20)) or None
-            for chunk in progress(iter(lambda: r.read(1 << 20), b""), mib, f"downloading {url} (MiB)"):
+            for chunk in progress(iter(lambda: r.read(1 << 20), b""), mib, f"downloading {url}",
+                                  "MiB", size=lambda chunk: len(chunk) / (1 << 20)):
                 f.write(chunk)
                 digest.update(chunk)
         if digest.hexdigest() != md5:
@@ -309,7 +312,7 @@ def _decode_to_cache(cache, labels, read, crop, size, resize, desc):
             yield label, raw, crop, size, RESIZE_MODES[resize]
     with multiprocessing.Pool(os.cpu_count()) as pool:
         images = pool.imap(_decode, jobs(), chunksize=64)
-        images = progress(images, len(labels), f"{desc} {resize} {size}x{size}")
+        images = progress(images, len(labels), f"{desc} {resize} {size}x{size}", size=lambda im: 1)
         _write_npy(cache, (len(labels), size, size, 3), images)
 
 
@@ -423,47 +426,11 @@ class Batches:
             yield self.x[idx].permute(0, 3, 1, 2).float().div_(255)
 
 
-# ---------------------------------------------------------------- pictures of training (PNG, no plotting library)
+# ---------------------------------------------------------------- back to the host
 
 def to_uint8(x):
     """Float images (N, 3, H, W) in [0, 1] -> uint8 (N, H, W, 3) on the host, as images are stored."""
     return (x.float() * 255).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
-
-
-def save_heatmap(values, path, title, cell=(6, 6)):
-    """A matrix (rows, columns) of values in [0, 1] as a PNG heatmap, dark blue 0 -> yellow 1."""
-    from PIL import ImageDraw
-    anchors = np.array([[20, 30, 90], [40, 150, 140], [250, 230, 60]], float)
-    t = np.clip(values, 0, 1) * 2
-    lo = np.minimum(t.astype(int), 1)
-    rgb = (anchors[lo] + (t - lo)[..., None] * (anchors[lo + 1] - anchors[lo])).astype(np.uint8)
-    heat = Image.fromarray(rgb).resize((rgb.shape[1] * cell[0], rgb.shape[0] * cell[1]), Image.NEAREST)
-    img = Image.new("RGB", (max(heat.width, 6 * len(title)) + 20, heat.height + 40), "white")
-    img.paste(heat, (10, 30))
-    ImageDraw.Draw(img).text((10, 8), title, fill="black")
-    atomic_write(path, lambda f: img.save(f, format="PNG"))
-
-
-def save_curves(series, path, title, w=520, h=320, m=48):
-    """Curves {name: [y per epoch]} on a log-10 y axis with quarter-decade gridlines, as a PNG."""
-    from PIL import ImageDraw
-    logs = np.log10([v for s in series.values() for v in s])
-    lo, hi = logs.min() - 0.05, logs.max() + 0.05
-    to_y = lambda v: h - m - (np.log10(v) - lo) / (hi - lo) * (h - 1.5 * m)
-    img = Image.new("RGB", (w, h), "white")
-    d = ImageDraw.Draw(img)
-    d.rectangle([m, m // 2, w - m // 2, h - m], outline="black")
-    d.text((m, 6), title, fill="black")
-    for k in range(int(np.floor(lo * 4)), int(np.ceil(hi * 4)) + 1):
-        if m // 2 < to_y(10 ** (k / 4)) < h - m:
-            d.line([m, to_y(10 ** (k / 4)), w - m // 2, to_y(10 ** (k / 4))], fill=(220, 220, 220))
-            d.text((4, to_y(10 ** (k / 4)) - 5), f"{10 ** (k / 4):.3f}", fill="black")
-    for j, ((name, s), color) in enumerate(zip(series.items(), ("red", "blue", "green", "black"))):
-        pts = [(m + (i + 1) / len(s) * (w - 1.5 * m), to_y(v)) for i, v in enumerate(s)]
-        d.line(pts if len(pts) > 1 else pts * 2, fill=color, width=2)
-        d.text((w - 130, m // 2 + 6 + 12 * j), name, fill=color)
-    d.text((m, h - m + 8), f"epoch 1 .. {max(map(len, series.values()))}", fill="black")
-    atomic_write(path, lambda f: img.save(f, format="PNG"))
 
 
 def main(argv=None):
