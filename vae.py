@@ -28,6 +28,7 @@ import math
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 HALF_LOG_TWO_PI = 0.5 * math.log(2 * math.pi)
 
@@ -116,14 +117,45 @@ def conv3x3(cin, cout, stride=1):
     return nn.Conv2d(cin, cout, 3, stride, padding=1)
 
 
+class BatchNorm(nn.BatchNorm2d):
+    """Batch norm whose moving averages are zero-debiased, as TF1's assign_moving_average does
+    by default in Dai & Wipf's batch_norm: after t steps the running estimate is
+
+        sum_i (1 - d) d^(t - i) stat_i / (1 - d^t),   decay d = 0.999,
+
+    the decay-weighted mean of the t batch statistics, its weights summing to 1. A plain moving
+    average starts at (0, 1) and after a few hundred steps is still mostly that start, which
+    turns every eval-mode picture of a short run grey. The recursion for the debiased value is a
+    moving average whose momentum (1 - d) / (1 - d^t) starts at 1 (the first batch's statistics)
+    and falls to 1 - d; it is computed on the device from num_batches_tracked."""
+
+    def __init__(self, channels, decay=0.999):
+        super().__init__(channels, eps=1e-5)  # TF's epsilon 1e-5 (ops/nn.py batch_norm)
+        self.decay = decay
+        # this batch's statistics, written by F.batch_norm at momentum 1 (no extra pass)
+        self.register_buffer("batch_mean", torch.zeros(channels), persistent=False)
+        self.register_buffer("batch_var", torch.ones(channels), persistent=False)
+
+    def forward(self, x):
+        if not self.training:
+            return super().forward(x)
+        y = F.batch_norm(x, self.batch_mean, self.batch_var, self.weight, self.bias, True, 1.0,
+                         self.eps)
+        with torch.no_grad():
+            self.num_batches_tracked.add_(1)
+            momentum = (1 - self.decay) / (1 - self.decay ** self.num_batches_tracked.double())
+            self.running_mean.lerp_(self.batch_mean, momentum.float())
+            self.running_var.lerp_(self.batch_var, momentum.float())
+        return y
+
+
 class ResBlock(nn.Module):
     """res_block: depth x (batch norm -> ReLU -> conv3x3), plus a conv3x3 shortcut."""
 
     def __init__(self, cin, cout, depth):
         super().__init__()
-        # decay 0.999 in TF is momentum 0.001 in PyTorch's convention
         self.body = nn.Sequential(*[m for i in range(depth) for m in (
-            nn.BatchNorm2d(cin if i == 0 else cout, eps=1e-5, momentum=0.001), nn.ReLU(),
+            BatchNorm(cin if i == 0 else cout), nn.ReLU(),
             conv3x3(cin if i == 0 else cout, cout))])
         self.shortcut = conv3x3(cin, cout)
 
@@ -265,14 +297,24 @@ def sample_latents(m1, m2, n, g, device):
 # ---------------------------------------------------------------------------------------------
 # Latent statistics: eq. 6 and footnote 3
 # ---------------------------------------------------------------------------------------------
-def variance_law(mu, logsd):
-    """Per latent: (Var_X[mu(X)] + E_X[sigma^2(X)], E_X[sigma^2(X)]) over the rows of mu, logsd.
-
-    eq. 6 says the first should be close to 1; a latent is inactive when the second is >= 0.8
-    (footnote 3). This is the paper's sigma^2; the released evaluation code uses E[sigma] (it
-    exponentiates the log-sigma output and calls it the variance), which agrees for inactive
-    latents (sigma near 1) and is larger for active ones.
+def variance_law(mu, logsd, released=False):
+    """Per latent: (Var_X[mu(X)] + E_X[v(X)], E_X[v(X)]) over the rows of mu, logsd, where v is
+    sigma^2 as the paper defines it (eq. 6, footnote 3) or, with `released`, sigma itself, as the
+    authors' evaluation code computes it (it exponentiates the log-sigma output and calls it the
+    variance). The paper's "inactive" is E[v] >= 0.8; the two agree for inactive latents (sigma
+    near 1) and differ for the "limbo" ones (E[sigma^2] 0.6-0.8 is E[sigma] of about 0.77-0.89).
     """
-    mu, var = mu.double(), (2 * logsd.double()).exp()
-    e_var = var.mean(0)
-    return mu.var(0, unbiased=False) + e_var, e_var
+    mu, v = mu.double(), logsd.double().exp() ** (1 if released else 2)
+    e_v = v.mean(0)
+    return mu.var(0, unbiased=False) + e_v, e_v
+
+
+def latent_summary(mu, logsd):
+    """The latent statistics of Tables 1-5 by both definitions: the variance law averaged over
+    latents and the inactive count (E >= 0.8), with E[sigma^2] (the paper) and E[sigma] (the
+    released code, suffix _code); and E[sigma^2] per latent (Fig. 6-7)."""
+    row = {}
+    for suffix, released in (("", False), ("_code", True)):
+        law, e_v = variance_law(mu, logsd, released)
+        row |= {f"var_law{suffix}": law.mean().item(), f"inactive{suffix}": int((e_v >= 0.8).sum())}
+    return row, variance_law(mu, logsd)[1]
