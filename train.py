@@ -617,6 +617,8 @@ def save_curves(series, path, title, w=560, h=340, m=56):
     for j, ((name, s), colour) in enumerate(zip(series.items(), ("red", "blue", "green"))):
         pts = [(to_x(i + 1), to_y(v)) for i, v in enumerate(s)]
         d.line(pts if len(pts) > 1 else pts * 2, fill=colour, width=2)
+        for x, y in pts if n <= 50 else ():  # a dot per epoch while they can be told apart
+            d.ellipse([x - 2, y - 2, x + 2, y + 2], fill=colour)
         d.text((w - 130, m // 2 + 6 + 12 * j), name, fill=colour)
     data.atomic_write(path, lambda f: img.save(f, format="PNG"))
 

@@ -1,4 +1,4 @@
-"""The two-stage VAE of Dai & Wipf with the balancing factor gamma *computed* (Asperti & Trentin 2020).
+"""The two-stage VAE of Dai & Wipf with the balancing factor gamma *computed* (Asperti & Trentin).
 
 What is here, with the paper's numbering:
 - `kl_divergence`: eq. 3, the closed-form KL between N(mu, sigma^2) and N(0, I).
@@ -9,18 +9,21 @@ What is here, with the paper's numbering:
 - `LearnedGamma`: Dai & Wipf's trainable log-gamma, the baseline of Tables 2-3.
 - `VAE`: the stage-1 "ResNet" network (paper Fig. 1; network/util.py and two_stage_vae_model.py
   of Dai & Wipf's code). `SecondStage`: the stage-2 VAE on latents.
-- `variance_law`: eq. 6 per latent, and the inactive count of footnote 3.
+- `BatchNorm`: batch norm with TF1's zero-debiased moving averages, as Dai & Wipf's code.
+- `variance_law`, `latent_summary`: eq. 6 per latent and the inactive count of footnote 3, by
+  the paper's E[sigma^2] and by the released evaluation's E[sigma].
 
 Deviations from the paper and the reference code:
 - k (KL weight) = pixels / 1024, the paper's rule (section 4.2: 4x the pixels, 4x the KL). The
-  released code uses (2 * side / latent_dim)^2; the two agree for the paper's settings (64 latents)
-  and differ for other latent sizes.
+  released code uses (2 * side / latent_dim)^2; the two agree for the paper's settings (64
+  latents) and differ for other latent sizes.
 - Stride-2 'same' convolutions: PyTorch pads (1, 1) where TF pads (0, 1); same output sizes,
   a one-pixel shift of the sampling grid, immaterial for a network trained from scratch.
 - Batch norm's running variance: PyTorch updates it with the unbiased batch variance, TF with
   the biased one; at 100 x H x W values per channel the factor n / (n - 1) is below 1.0001.
 - Two-stage samples decode z = f2(u) itself, as the authors' released code does; Dai & Wipf's
-  code samples z ~ N(f2(u), gamma_z^2 I). The paper does not say; its numbers come from the former.
+  code samples z ~ N(f2(u), gamma_z^2 I). The paper does not say; its numbers come from the
+  former.
 - The decoder's first dense output is reshaped channels-first (C, 2, 2) instead of TF's
   (2, 2, C): a fixed permutation of a freshly initialised layer, so the same model family.
 """
@@ -37,7 +40,7 @@ HALF_LOG_TWO_PI = 0.5 * math.log(2 * math.pi)
 # Loss: eq. 3, 7 and 9
 # ---------------------------------------------------------------------------------------------
 def kl_divergence(mu, logsd):
-    """eq. 3 summed over latents: 1/2 sum(mu^2 + sigma^2 - log sigma^2 - 1), one value per sample."""
+    """eq. 3 summed over latents, per sample: 1/2 sum(mu^2 + sigma^2 - log sigma^2 - 1)."""
     return 0.5 * (mu.square() + (2 * logsd).exp() - 2 * logsd - 1).sum(1)
 
 
@@ -89,7 +92,8 @@ class ComputedGamma(nn.Module):
 
     @torch.no_grad()
     def update(self, batch_mse):
-        self.mse_est.copy_(torch.minimum(self.mse_est, 0.99 * self.mse_est + 0.01 * batch_mse.float()))
+        moved = 0.99 * self.mse_est + 0.01 * batch_mse.float()
+        self.mse_est.copy_(torch.minimum(self.mse_est, moved))
 
 
 class LearnedGamma(nn.Module):
@@ -168,7 +172,8 @@ class FcResBlock(nn.Module):
 
     def __init__(self, cin, cout, depth):
         super().__init__()
-        self.body = nn.Sequential(*[m for i in range(depth) for m in (nn.ReLU(), nn.Linear(cin if i == 0 else cout, cout))])
+        self.body = nn.Sequential(*[m for i in range(depth) for m in (
+            nn.ReLU(), nn.Linear(cin if i == 0 else cout, cout))])
         self.shortcut = nn.Linear(cin, cout)
 
     def forward(self, x):
@@ -188,7 +193,7 @@ def glorot_init(module):
 
 
 class _GaussianVAE(nn.Module):
-    """Shared by both stages: the reparametrised forward pass and the loss with this model's gamma."""
+    """Both stages: the reparametrised forward pass and the loss at this model's gamma."""
 
     def forward(self, x):
         mu, logsd = self.encode(x)
@@ -210,7 +215,8 @@ class VAE(_GaussianVAE):
                  block_per_scale=1, depth_per_block=2, gamma="computed"):
         super().__init__()
         if side < 4 or side & (side - 1) or side >> (num_scale - 1) < 1:
-            raise ValueError(f"image side {side} must be a power of two >= 4 and >= 2^(num_scale-1)")
+            raise ValueError(f"image side {side} must be a power of two, at least 4 and at "
+                             f"least 2^(num_scale - 1) = {2 ** (num_scale - 1)}")
         self.gamma = GAMMAS[gamma]()
         dims = [base_dim * 2 ** i for i in range(num_scale)]
         enc = [conv3x3(3, dims[0])]
@@ -230,7 +236,8 @@ class VAE(_GaussianVAE):
             dec += [nn.ConvTranspose2d(cin, cout, 3, 2, padding=1, output_padding=1),  # upsample
                     scale_block(cout, cout, block_per_scale, depth_per_block)]
         self.decoder = nn.Sequential(*dec, conv3x3(ddims[-1], 3), nn.Sigmoid())
-        self.resample = [m for m in self.modules() if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d)) and m.stride == (2, 2)]
+        self.resample = [m for m in self.modules() if isinstance(
+            m, (nn.Conv2d, nn.ConvTranspose2d)) and m.stride == (2, 2)]
         glorot_init(self)
 
     def encode(self, x):
@@ -254,9 +261,11 @@ class SecondStage(_GaussianVAE):
     def __init__(self, latent_dim=64, dim=2048, depth=3, gamma="computed"):
         super().__init__()
         self.gamma = GAMMAS[gamma]()
-        mlp = lambda: nn.Sequential(*[m for i in range(depth) for m in (nn.Linear(latent_dim if i == 0 else dim, dim), nn.ReLU())])
+        mlp = lambda: nn.Sequential(*[m for i in range(depth) for m in (
+            nn.Linear(latent_dim if i == 0 else dim, dim), nn.ReLU())])
         self.enc, self.dec = mlp(), mlp()
-        self.mu, self.logsd = nn.Linear(dim + latent_dim, latent_dim), nn.Linear(dim + latent_dim, latent_dim)
+        self.mu = nn.Linear(dim + latent_dim, latent_dim)
+        self.logsd = nn.Linear(dim + latent_dim, latent_dim)
         self.z_hat = nn.Linear(dim + latent_dim, latent_dim)
         glorot_init(self)
 
@@ -281,15 +290,15 @@ def randn(g, *shape, device):
 
 @torch.no_grad()
 def reconstruct(m1, x, g):
-    """Decode a sampled z = mu + sigma * eps with the networks in eval mode, as the released code's REC."""
+    """REC as the released code does it: a sampled z = mu + sigma * eps decoded, in eval mode."""
     mu, logsd = m1.encode(x)
     return m1.decode(mu + logsd.exp() * randn(g, *mu.shape, device=x.device)), mu, logsd
 
 
 @torch.no_grad()
 def sample_latents(m1, m2, n, g, device):
-    """GEN-1: z ~ N(0, I). GEN-2: u ~ N(0, I), z = f2(u), the stage-2 decoder's mean, as the authors'
-    released generate() does (Dai & Wipf's adds gamma_z * eps; see the module docstring)."""
+    """GEN-1: z ~ N(0, I). GEN-2: u ~ N(0, I), z = f2(u), the stage-2 decoder's mean, as the
+    authors' released generate() does (Dai & Wipf's adds gamma_z * eps; see the docstring)."""
     z = randn(g, n, m1.mu.out_features, device=device)
     return z if m2 is None else m2.decode(z)
 
