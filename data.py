@@ -93,19 +93,24 @@ class DataError(Exception):
     """An expected failure (missing file, bad input): main() prints it without a traceback."""
 
 
-def progress(items, total, desc, unit="images", size=len, done=0):
+def progress(items, total, desc, unit="images", size=len, done=0, leave=True):
     """Yield from `items`, redrawing one line on stderr at most 4 times a second (no tqdm):
     `desc done/total unit, rate unit/s, ETA m:ss`. Each item holds size(item) units; `done` units
     were finished before this call (a resumed epoch), and the rate counts only this call's.
-    It reads nothing but the host clock, so it adds no device synchronisation to a CUDA loop."""
+    With leave=False the line is wiped at the end (a log line takes its place). It reads nothing
+    but the host clock, so it adds no device synchronisation to a CUDA loop."""
     start = last = time.time()
     first = shown = done
+    width = 0
 
     def draw(now):
+        nonlocal width
         rate = (done - first) / max(now - start, 1e-9)
         eta = int((total - done) / rate) if total and rate > 0 else 0
-        print(f"\r{desc} {done:.0f}/{total or '?'} {unit}, {rate:.0f} {unit}/s, "
-              f"ETA {eta // 60}:{eta % 60:02d}", end="", file=sys.stderr, flush=True)
+        line = (f"{desc} {done:.0f}/{total or '?'} {unit}, {rate:.0f} {unit}/s, "
+                f"ETA {eta // 60}:{eta % 60:02d}")
+        width = max(width, len(line))
+        print(f"\r{line:<{width}}", end="", file=sys.stderr, flush=True)
     for item in items:
         yield item
         done += size(item)
@@ -116,7 +121,7 @@ def progress(items, total, desc, unit="images", size=len, done=0):
     if done != shown:  # the last items came within 0.25 s of a redraw: show the final count
         draw(time.time())
     if done > first:
-        print(file=sys.stderr, flush=True)
+        print("\n" if leave else "\r" + " " * width + "\r", end="", file=sys.stderr, flush=True)
 
 
 def seconds_per_call(fn, n, device="cpu"):

@@ -320,6 +320,21 @@ def test_l2_penalty_is_on_the_resampling_kernels():
     assert losses[1] - losses[0] == pytest.approx(0.5 * penalty, rel=1e-4)
 
 
+def test_adam_is_tf1s():
+    """Two Adam steps on loss = 3p, then -p, by hand with TF1's defaults (beta1 0.9, beta2 0.999,
+    eps 1e-8 added to the root of the bias-corrected second moment), paper section 4."""
+    p = nn.Parameter(torch.zeros((), dtype=torch.float64))
+    opt = train.make_optimizer(nn.ParameterList([p]), 0.1, torch.device("cpu"))
+    want, m, v = 0.0, 0.0, 0.0
+    for t, grad in enumerate((3.0, -1.0), 1):
+        opt.zero_grad()
+        (grad * p).backward()
+        opt.step()
+        m, v = 0.9 * m + 0.1 * grad, 0.999 * v + 0.001 * grad ** 2
+        want -= 0.1 * (m / (1 - 0.9 ** t)) / (math.sqrt(v / (1 - 0.999 ** t)) + 1e-8)
+        assert p.item() == pytest.approx(want, rel=1e-12)
+
+
 @pytest.mark.parametrize("epoch, lr", [(0, 1e-4), (199, 1e-4), (200, 5e-5), (399, 5e-5),
                                        (400, 2.5e-5), (600, 1.25e-5), (699, 1.25e-5)])
 def test_learning_rate_halves_every_200_epochs(epoch, lr):

@@ -449,7 +449,8 @@ def train(args):
             rec[:skip], mus, logsds = partial["rec"], [partial["mu"]], [partial["logsd"]]
         todo = itertools.islice(batches.epoch(epoch), skip, None)
         desc = f"stage {stage} epoch {epoch + 1}/{args.epochs}"
-        for i, x in enumerate(data.progress(todo, n * bs, desc, done=skip * bs), skip):
+        steps = data.progress(todo, n * bs, desc, done=skip * bs, leave=False)
+        for i, x in enumerate(steps, skip):
             rec[i], mu, logsd = step(x)
             mus.append(mu)
             logsds.append(logsd)
