@@ -18,6 +18,8 @@ Deviations from the paper and the released code:
 - Data order: the permutation of epoch e is drawn from (seed, e) and the stage-2 noise likewise,
   so a resumed run repeats an uninterrupted one exactly on the CPU.
 - Interrupted runs save mid-epoch (step, partial epoch statistics, RNG state) and resume there.
+- The per-epoch sample grids run batch norm on batch statistics (training mode); --eval uses
+  the moving averages, as the paper's evaluation does. After a short run the two differ.
 - CelebA l2: the paper (4.2) adds 0.001 * sum(w^2) over the resampling kernels to the loss; the
   released code defines that Keras regulariser but minimises only k * kl + gen, so the penalty
   never acts there. We follow the paper.
@@ -28,6 +30,7 @@ Deviations from the paper and the released code:
   normalisation, over all samples). REC and CelebA numbers may differ from the paper's for it.
 """
 import argparse
+import copy
 import hashlib
 import itertools
 import json
@@ -397,7 +400,9 @@ def train(args):
     fixed = None
     if stage == 1:
         batches = data.Batches(images, cfg["batch_size"], dev, seed=cfg["seed"])
-        fixed = batches.x[:32].permute(0, 3, 1, 2).float().div(255)  # for the recon grids
+        # the recon grids' 32 images, spread over the split (a folder sorted by class)
+        spread = torch.linspace(0, len(images) - 1, 32, device=dev).long()
+        fixed = batches.x[spread].permute(0, 3, 1, 2).float().div(255)
     else:
         plain = data.Batches(images, 500, dev, shuffle=False, drop_last=False).epoch(0)
         batches = Latents(*encode_all(m1, plain), cfg["batch_size"], cfg["seed"])
@@ -627,7 +632,7 @@ def save_curves(series, path, title, w=560, h=340, m=56):
 def write_pictures(history, m1, m2, fixed, out, tag, seed, grids):
     """Every epoch: the latent-variance heatmap (Fig. 6-7) and gamma vs sqrt(mse); every few
     epochs the sample grids, drawn with the same noise each time so they change only with the
-    model."""
+    model, and with batch statistics."""
     s = "" if m2 is None else "2"
     v = np.array([r["latent_var"] for r in history]).T  # (latents, epochs)
     first = np.where(v < 0.8, np.arange(v.shape[1]), v.shape[1]).min(1)  # left the limbo
@@ -641,6 +646,10 @@ def write_pictures(history, m1, m2, fixed, out, tag, seed, grids):
                 f"stage {1 if m2 is None else 2}: gamma (end of epoch) and sqrt(epoch mse)")
     if not grids:
         return
+    # Batch statistics, as in training, on a copy (the moving averages stay untouched): the
+    # grids then follow the printed training mse from the first epoch, while the moving
+    # averages that --eval uses (the paper's protocol) lag behind a run of a few hundred steps.
+    m1 = copy.deepcopy(m1).train()
     g = torch.Generator().manual_seed(seed)
     dev = next(m1.parameters()).device
     if fixed is not None:
@@ -703,7 +712,8 @@ def evaluate(args):
             if imgs is not None:
                 fake = fid.feature_stats(net, imgs, desc=f"FID {name[:-4]}")
                 res[name] = fid.frechet_distance(*real, *fake)
-    for name, imgs in (("recon", side_by_side(test[:32], recon[:32])), ("gen1", gen1),
+    pick = np.linspace(0, len(test) - 1, 32).astype(int)  # spread over a split sorted by class
+    for name, imgs in (("recon", side_by_side(test[pick], recon[pick])), ("gen1", gen1),
                        ("gen2", gen2)):
         if imgs is not None:
             data.save_grid(imgs[:64], os.path.join(out, f"eval_{name}.png"))
