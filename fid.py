@@ -1,29 +1,35 @@
 """FID (Frechet Inception Distance) in plain PyTorch: the paper's evaluation metric.
 
-The paper scores reconstructions (REC), decoder samples (GEN-1) and two-stage samples (GEN-2) by their FID
-(Heusel et al. 2017) against 10,000 test images (sections 4-5, Tables 1-5), computed with the TF Inception
-graph of 2015-12-05. Here: an Inception v3 with torchvision's Inception3 parameter names, so both published
-weight files load into it; feature statistics; the Frechet distance; and a command line:
+The paper scores reconstructions (REC), decoder samples (GEN-1) and two-stage samples (GEN-2) by
+their FID (Heusel et al. 2017) against 10,000 test images (sections 4-5), computed with the TF
+Inception graph of 2015-12-05. Here: an Inception v3 with torchvision's parameter names, so both
+published weight files load into it; feature statistics; the Frechet distance; a command line:
 
-    python fid.py A B                      FID of A vs B: folders of images, uint8 (N, H, W, 3) arrays in
-                                           .npy/.npz, or statistics .npz (mu, sigma)
+    python fid.py A B                      FID of A vs B: folders of images, uint8 (N, H, W, 3)
+                                           arrays in .npy/.npz, or statistics .npz (mu, sigma)
     python fid.py A --save-stats a.npz     save the statistics of A for later runs
     python fid.py --bench --batch-size 64  Inception images/second on this device (random weights)
 
-Only `--inception tf` (pytorch-fid's port of the TF graph) gives FIDs comparable with the paper and the
-literature; the default torchvision ImageNet weights give FIDs on another scale.
+Only `--inception tf` (pytorch-fid's port of the TF graph) gives FIDs comparable with the paper;
+torchvision's ImageNet weights (the default) give FIDs on another scale.
 
-Deviations from the reference (pytorch-fid), each checked against it to float32 precision:
-- tr(sqrtm(s1 s2)) is summed from the eigenvalues of s1 s2 instead of scipy's sqrtm (they agree to ~1e-9): 1.6 s
-  instead of 10 s at 2048-d on 2 CPU cores; pytorch-fid's fallbacks stay (1e-6 * I when the root fails,
-  large imaginary parts refused).
+Deviations from pytorch-fid, each checked against it:
+- tr sqrtm(s1 s2) is computed as tr sqrtm(sqrt(s1) s2 sqrt(s1)) (the same eigenvalues) by
+  symmetric eigen-decompositions, round-off below 0 clipped: with fewer images than features,
+  pytorch-fid's sqrtm of the non-symmetric s1 s2 turns round-off into imaginary parts and
+  refuses. Where it gives a value the two agree to round-off. No 1e-6 * I retry: eigh has no
+  singular case. 2 s at 2048-d on 2 CPU cores.
+- Matrices that are no covariances (asymmetric, negative eigenvalues) are refused up front.
+- Statistics files record their network (variant, SHA-256 of the weights): statistics of
+  different networks are not compared, and cached statistics are keyed by it.
 - Speed: channels-last layout, and batch norm folded into the convolutions (inference only).
 - Generated float images are quantised to uint8 first, as the image files pytorch-fid reads are.
-- Fewer images than the 2048 features make the covariance singular: a warning (pytorch-fid is silent).
+- Fewer images than the 2048 features: a warning (singular covariance; pytorch-fid is silent).
 """
 import argparse
 import contextlib
 import functools
+import hashlib
 import os
 import pickle
 import sys
@@ -42,15 +48,14 @@ URLS = {
     "tf": "https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
           "pt_inception-2015-12-05-6726825d.pth",
 }
-# torch.hub's check_hash needs a SHA-256 prefix at the end of the file name. torchvision's name has one
-# (torchvision names its weight files so). pytorch-fid never checks its file, but projects that pin it record its SHA-256 as
-# 6726825d0af5f729cebd5821db510b11b1cfad8faad88a03f1befd49fb9129b2 (95,628,359 bytes): the suffix is that
-# prefix, so both files are hash-checked; load_weights() then checks every name and shape as well.
-IGNORED = ("fc.", "AuxLogits.")  # the classifier heads: FID uses the 2048-d pool features before them
+# torch.hub's check_hash needs a SHA-256 prefix at the end of the file name; torchvision names its
+# files so, and pytorch-fid's file has one too: its SHA-256, as projects that pin it record, is
+# 6726825d0af5f729cebd5821db510b11b1cfad8faad88a03f1befd49fb9129b2 (95,628,359 bytes).
+IGNORED = ("fc.", "AuxLogits.")  # classifier heads: FID uses the 2048-d pool features before them
 
 
 class BasicConv2d(nn.Module):
-    """Convolution without bias, batch norm (eps 0.001), ReLU: torchvision's unit and parameter names."""
+    """Convolution without bias, batch norm (eps 0.001), ReLU: torchvision's unit and names."""
 
     def __init__(self, cin, cout, **conv):
         super().__init__()
@@ -58,8 +63,8 @@ class BasicConv2d(nn.Module):
         self.bn = nn.BatchNorm2d(cout, eps=0.001)
 
     def forward(self, x):
-        # Inference only: the batch norm (running statistics) folded into the convolution saves a pass
-        # over every activation map, a fifth of the CPU time.
+        # Inference only: the batch norm (running statistics) folded into the convolution saves
+        # a pass over every activation map, a fifth of the CPU time.
         c, bn = self.conv, self.bn
         scale = bn.weight * (bn.running_var + bn.eps).rsqrt()
         x = F.conv2d(x, c.weight * scale[:, None, None, None], bn.bias - bn.running_mean * scale,
@@ -68,14 +73,16 @@ class BasicConv2d(nn.Module):
 
 
 avg_pool = functools.partial(F.avg_pool2d, kernel_size=3, stride=1, padding=1)
-tf_avg_pool = functools.partial(F.avg_pool2d, kernel_size=3, stride=1, padding=1, count_include_pad=False)
+tf_avg_pool = functools.partial(F.avg_pool2d, kernel_size=3, stride=1, padding=1,
+                                count_include_pad=False)
 tf_max_pool = functools.partial(F.max_pool2d, kernel_size=3, stride=1, padding=1)
-# The TF graph differs from torchvision's Inception3 only in four pool branches (pytorch-fid's "Patch"es).
+# The TF graph differs from torchvision's Inception3 only in four pool branches (pytorch-fid's
+# "Patch"es).
 POOLS = {"torchvision": dict(A=avg_pool, C=avg_pool, E1=avg_pool, E2=avg_pool),
-         "tf": dict(A=tf_avg_pool,    # 1. TF's average pool leaves the zero padding out of the mean...
+         "tf": dict(A=tf_avg_pool,    # 1. TF's average pool leaves the padding out of the mean...
                     C=tf_avg_pool,    # 2. ...in InceptionC...
                     E1=tf_avg_pool,   # 3. ...and in the first InceptionE (Mixed_7b);
-                    E2=tf_max_pool)}  # 4. Mixed_7c max-pools in this graph (likely a slip; FIDs keep it).
+                    E2=tf_max_pool)}  # 4. Mixed_7c max-pools (likely a slip; FIDs keep it).
 
 
 def _chain(x, *layers):
@@ -98,7 +105,8 @@ class InceptionA(nn.Module):
 
     def forward(self, x):
         return torch.cat([self.branch1x1(x), _chain(x, self.branch5x5_1, self.branch5x5_2),
-                          _chain(x, self.branch3x3dbl_1, self.branch3x3dbl_2, self.branch3x3dbl_3),
+                          _chain(x, self.branch3x3dbl_1, self.branch3x3dbl_2,
+                                 self.branch3x3dbl_3),
                           self.branch_pool(self.pool(x))], 1)
 
 
@@ -112,14 +120,16 @@ class InceptionB(nn.Module):
 
     def forward(self, x):
         return torch.cat([self.branch3x3(x),
-                          _chain(x, self.branch3x3dbl_1, self.branch3x3dbl_2, self.branch3x3dbl_3),
+                          _chain(x, self.branch3x3dbl_1, self.branch3x3dbl_2,
+                                 self.branch3x3dbl_3),
                           F.max_pool2d(x, 3, stride=2)], 1)
 
 
 class InceptionC(nn.Module):
     def __init__(self, cin, c7, pool):
         super().__init__()
-        row, col = dict(kernel_size=(1, 7), padding=(0, 3)), dict(kernel_size=(7, 1), padding=(3, 0))
+        row = dict(kernel_size=(1, 7), padding=(0, 3))
+        col = dict(kernel_size=(7, 1), padding=(3, 0))
         self.branch1x1 = BasicConv2d(cin, 192, kernel_size=1)
         self.branch7x7_1 = BasicConv2d(cin, c7, kernel_size=1)
         self.branch7x7_2 = BasicConv2d(c7, c7, **row)
@@ -133,7 +143,8 @@ class InceptionC(nn.Module):
         self.pool = pool
 
     def forward(self, x):
-        return torch.cat([self.branch1x1(x), _chain(x, self.branch7x7_1, self.branch7x7_2, self.branch7x7_3),
+        return torch.cat([self.branch1x1(x),
+                          _chain(x, self.branch7x7_1, self.branch7x7_2, self.branch7x7_3),
                           _chain(x, self.branch7x7dbl_1, self.branch7x7dbl_2, self.branch7x7dbl_3,
                                  self.branch7x7dbl_4, self.branch7x7dbl_5),
                           self.branch_pool(self.pool(x))], 1)
@@ -174,14 +185,17 @@ class InceptionE(nn.Module):
         a = self.branch3x3_1(x)
         b = self.branch3x3dbl_2(self.branch3x3dbl_1(x))
         return torch.cat([self.branch1x1(x), self.branch3x3_2a(a), self.branch3x3_2b(a),
-                          self.branch3x3dbl_3a(b), self.branch3x3dbl_3b(b), self.branch_pool(self.pool(x))], 1)
+                          self.branch3x3dbl_3a(b), self.branch3x3dbl_3b(b),
+                          self.branch_pool(self.pool(x))], 1)
 
 
 class InceptionV3(nn.Module):
-    """torchvision's Inception3 up to the 2048-d global average pool ("pool3"): no AuxLogits, no fc."""
+    """torchvision's Inception3 up to the 2048-d global average pool ("pool3"): no AuxLogits,
+    no fc."""
 
     def __init__(self, variant="torchvision"):
         super().__init__()
+        self.variant = variant
         pool = POOLS[variant]
         self.Conv2d_1a_3x3 = BasicConv2d(3, 32, kernel_size=3, stride=2)
         self.Conv2d_2a_3x3 = BasicConv2d(32, 32, kernel_size=3)
@@ -204,9 +218,10 @@ class InceptionV3(nn.Module):
         self.avgpool = nn.AdaptiveAvgPool2d(1)
 
     def forward(self, x):
-        """Floats (N, 3, H, W) in [0, 1] -> (N, 2048) pool features; resized and scaled as in pytorch-fid."""
+        """Floats (N, 3, H, W) in [0, 1] -> (N, 2048) pool features, resized and scaled as in
+        pytorch-fid: bilinear to 299x299 (align_corners=False), then 2x - 1."""
         x = F.interpolate(x, size=(299, 299), mode="bilinear", align_corners=False)
-        x = (2 * x - 1).contiguous(memory_format=torch.channels_last)  # both weight files expect [-1, 1]
+        x = (2 * x - 1).contiguous(memory_format=torch.channels_last)  # both files expect [-1, 1]
         return _chain(x, *self.children()).flatten(1)
 
 
@@ -214,24 +229,43 @@ FC_CLASSES = {"torchvision": 1000, "tf": 1008}
 
 
 def load_weights(model, state, variant):
-    """Copy a torchvision-named state dict into `model`; refuse a missing name, a stray one, a wrong shape."""
+    """Copy a torchvision-named state dict into `model`; refuse a missing name, a stray one, a
+    wrong shape."""
     def needed(d):  # num_batches_tracked only counts training steps (and not every file has it)
-        return {k: v for k, v in d.items() if not k.startswith(IGNORED) and not k.endswith("_tracked")}
+        return {k: v for k, v in d.items()
+                if not k.startswith(IGNORED) and not k.endswith("_tracked")}
     have, want = needed(state if isinstance(state, dict) else {}), needed(model.state_dict())
     problems = [f"missing {k}" for k in want if k not in have]
     problems += [f"unexpected {k}" for k in have if k not in want]
-    problems += [f"{k} has shape {tuple(getattr(have[k], 'shape', ()))}, expected {tuple(v.shape)}"
-                 for k, v in want.items() if k in have and getattr(have[k], "shape", None) != v.shape]
+    shape = {k: getattr(v, "shape", None) for k, v in have.items()}
+    problems += [f"{k} has shape {tuple(shape[k] or ())}, expected {tuple(v.shape)}"
+                 for k, v in want.items() if k in have and shape[k] != v.shape]
     # The two files differ only in the classifier (1000 ImageNet classes vs the TF graph's 1008),
     # which is ignored otherwise; checking it catches a file passed with the wrong --inception.
     fc, classes = (state.get("fc.weight") if isinstance(state, dict) else None), FC_CLASSES[variant]
     if fc is not None and getattr(fc, "shape", (classes,))[0] != classes:
-        problems.append(f"fc has {fc.shape[0]} classes, not {classes} (the other --inception variant's file?)")
+        problems.append(f"fc has {fc.shape[0]} classes, not {classes} "
+                        "(the other --inception variant's file?)")
     if problems:
-        raise DataError(f"these are not the {variant} Inception v3 weights ({len(problems)} problems: "
-                        f"{'; '.join(problems[:4])}{'; ...' if len(problems) > 4 else ''}). Use the file "
-                        f"from {URLS[variant]}, or leave --inception-weights out to download it.")
-    model.load_state_dict(have, strict=False)
+        n = len(problems)
+        raise DataError(f"these are not the {variant} Inception v3 weights ({n} problem"
+                        f"{'s' * (n > 1)}: {'; '.join(problems[:4])}{'; ...' if n > 4 else ''}). "
+                        f"Use the file from {URLS[variant]}, or leave --inception-weights out to "
+                        "download it.")
+    tracked = [k for k in model.state_dict() if k.endswith("_tracked")]  # a step counter: zero
+    model.load_state_dict({**have, **{k: torch.tensor(0) for k in tracked}})  # strict: all set
+
+
+def network_id(model):
+    """"<variant>-<16 hex digits>": the start of a SHA-256 over the network's tensors (names and
+    float32 bytes, sorted by name), so statistics are keyed by the weights' content, not by a
+    file name that new weights may reuse."""
+    h = hashlib.sha256()
+    for k, v in sorted(model.state_dict().items()):
+        if not k.endswith("_tracked"):  # a training-step counter, not a weight
+            h.update(k.encode())
+            h.update(v.detach().cpu().contiguous().numpy().tobytes())
+    return f"{model.variant}-{h.hexdigest()[:16]}"
 
 
 def default_device():
@@ -239,22 +273,26 @@ def default_device():
 
 
 def load_inception(variant="torchvision", weights_path=None, device=None):
-    """The feature extractor in eval mode: "torchvision" (ImageNet) or "tf" (the FID network of the
-    literature) weights, from `weights_path` or downloaded once into torch.hub's cache."""
+    """The feature extractor in eval mode: "torchvision" (ImageNet) or "tf" (the FID network of
+    the literature) weights, from `weights_path` or downloaded once into torch.hub's cache.
+    `model.weights_id` names the weights by content (see network_id)."""
     if variant not in URLS:
         raise DataError(f"unknown Inception variant {variant!r}: use one of {', '.join(URLS)}")
     try:
-        state = (torch.load(weights_path, map_location="cpu", weights_only=True) if weights_path else
-                 torch.hub.load_state_dict_from_url(URLS[variant], map_location="cpu", check_hash=True,
-                                                    weights_only=True))
-    except (OSError, RuntimeError, pickle.UnpicklingError) as e:  # URLError, hash mismatch, corrupt file
+        state = (torch.load(weights_path, map_location="cpu", weights_only=True) if weights_path
+                 else torch.hub.load_state_dict_from_url(URLS[variant], map_location="cpu",
+                                                         check_hash=True, weights_only=True))
+    except (OSError, RuntimeError, pickle.UnpicklingError) as e:  # URLError, bad hash or file
         if weights_path:
             raise DataError(f"cannot load Inception weights from {weights_path}: {e}") from None
-        raise DataError(f"cannot get the {variant} Inception weights ({e}). Without internet, download "
-                        f"{URLS[variant]} elsewhere and pass it with --inception-weights PATH "
-                        "(weights_path= in Python).") from None
-    model = InceptionV3(variant)
+        raise DataError(f"cannot get the {variant} Inception weights ({e}). Without internet, "
+                        f"download {URLS[variant]} elsewhere and pass it with --inception-weights "
+                        "PATH (weights_path= in Python).") from None
+    with torch.device("meta"):  # no random initialisation (0.8 s): load_weights sets all
+        model = InceptionV3(variant)
+    model.to_empty(device="cpu")
     load_weights(model, state, variant)
+    model.weights_id = network_id(model)
     model.to(device or default_device(), memory_format=torch.channels_last)
     return model.eval().requires_grad_(False)
 
@@ -278,40 +316,59 @@ def _check_array(a):
 
 
 def _to_uint8(batch):
-    """A batch as a uint8 (N, 3, H, W) tensor. Float images in [0, 1] are quantised like the 8-bit files
-    the real images come from, so generated and real images take the same path."""
+    """A batch as a uint8 (N, 3, H, W) tensor. Float images in [0, 1] are quantised like the
+    8-bit files the real images come from, so generated and real images take the same path."""
     if isinstance(batch, np.ndarray):
         # np.array copies a read-only (memory-mapped) batch into memory torch may own
-        return torch.from_numpy(np.array(_check_array(batch))).permute(0, 3, 1, 2)  # already channels-last
+        return torch.from_numpy(np.array(_check_array(batch))).permute(0, 3, 1, 2)  # channels-last
     if batch.is_floating_point():
         if not torch.isfinite(batch).all():
             raise DataError("the images contain NaN or infinite values (did the model diverge?)")
-        batch = (batch * 255).round().clamp(0, 255).to(torch.uint8)
+        batch = (batch * 255).round().clamp(0, 255).to(torch.uint8)  # to nearest, as files are
     if batch.dtype != torch.uint8 or batch.ndim != 4 or batch.shape[1] != 3:
         raise DataError(f"expected float images (N, 3, H, W) in [0, 1], got {batch.dtype} "
                         f"{tuple(batch.shape)}")
     return batch
 
 
-def feature_stats(model, images, batch_size=200, device=None, desc="features"):
-    """Float64 mean and covariance (np.cov, N - 1) of the pool features of `images`: uint8 (N, H, W, 3)
-    numpy, float (N, 3, H, W) torch in [0, 1], or an iterable of such batches (a generator of samples)."""
+def feature_stats(model, images, batch_size=200, device=None, desc="features", total=None):
+    """Float64 mean and covariance (np.cov, N - 1) of the pool features of `images`: uint8
+    (N, H, W, 3) numpy, float (N, 3, H, W) torch in [0, 1], or an iterable of such batches (a
+    generator of samples; `total` images, if given, for the progress line's ETA)."""
     device = device or next(model.parameters()).device
     if isinstance(images, (np.ndarray, torch.Tensor)):
-        images = [images[i:i + batch_size] for i in range(0, len(images), batch_size)]
+        total = len(images)
+        images = [images[i:i + batch_size] for i in range(0, total, batch_size)]
     feats = []
     with torch.no_grad(), exact_fp32():
-        for batch in progress(images, desc=desc):
+        for batch in progress(images, total, desc):
             feats.append(model(_to_uint8(batch).to(device).float() / 255).double().cpu())
     n = sum(len(f) for f in feats)
     if n < 2:
-        raise DataError(f"{desc}: {n} image(s); a covariance needs at least 2 (the paper uses 10,000)")
+        raise DataError(f"{desc}: {n} image(s); a covariance needs at least 2 (the paper uses "
+                        "10,000)")
     feats = torch.cat(feats).numpy()
     if n < feats.shape[1]:
-        print(f"warning: {desc}: {n} images < {feats.shape[1]} features, so the covariance is singular; "
-              "the FID stays finite but is biased up, comparable only at equal N (the paper uses 10,000)",
-              file=sys.stderr)
+        print(f"warning: {desc}: {n} images < {feats.shape[1]} features, so the covariance is "
+              "singular; the FID stays finite but is biased up, comparable only at equal N (the "
+              "paper uses 10,000)", file=sys.stderr)
     return feats.mean(0), np.cov(feats, rowvar=False)
+
+
+# Relative to the largest |entry| or |eigenvalue|: round-off of np.cov is ~1e-16 of it, of
+# float32-stored statistics ~1e-9; a matrix that is no covariance is off by O(1).
+COV_TOL = 1e-6
+
+
+def _check_covariance(s, w, name):
+    """Refuse a matrix that is no covariance (w: its eigenvalues, ascending): no FID is defined."""
+    if np.abs(s - s.T).max() > COV_TOL * np.abs(s).max():
+        raise DataError(f"{name} is not symmetric, so it is no covariance matrix: recompute the "
+                        "statistics (np.cov of the features).")
+    if w[0] < -COV_TOL * np.abs(w).max():
+        raise DataError(f"{name} has the eigenvalue {w[0]:.3g} (largest {np.abs(w).max():.3g}), "
+                        "beyond round-off, so it is no covariance matrix (positive "
+                        "semi-definite): recompute the statistics.")
 
 
 def frechet_distance(mu1, sigma1, mu2, sigma2):
@@ -324,45 +381,68 @@ def frechet_distance(mu1, sigma1, mu2, sigma2):
                         f"sigma {s1.shape} and {s2.shape}")
     if not all(np.isfinite(a).all() for a in (mu1, mu2, s1, s2)):
         raise DataError("the statistics contain NaN or infinite values: recompute them")
-    try:  # tr(sqrtm(M)) is the sum of the square roots of M's eigenvalues
-        eigvals = np.linalg.eigvals(s1 @ s2)
-    except np.linalg.LinAlgError:
-        print("warning: the eigenvalues of sigma1 sigma2 did not converge; adding 1e-6 * I to both "
-              "covariances and retrying, as pytorch-fid does", file=sys.stderr)
-        offset = 1e-6 * np.eye(d)
-        eigvals = np.linalg.eigvals((s1 + offset) @ (s2 + offset))
-    roots = np.sqrt(eigvals.astype(np.complex128))
-    if np.abs(roots.imag).max() > 1e-3:  # pytorch-fid's bound: beyond round-off, not covariances
-        raise DataError(f"sqrtm(sigma1 sigma2) has an imaginary component {np.abs(roots.imag).max():.3g}:"
-                        " are these covariance matrices (symmetric, positive semi-definite)?")
+    w1, v1 = np.linalg.eigh(s1)
+    _check_covariance(s1, w1, "sigma1")
+    _check_covariance(s2, np.linalg.eigvalsh(s2), "sigma2")
+    # s1 s2 is similar to sqrt(s1) s2 sqrt(s1) = v1 (r^T s2 r) v1^T with r = v1 sqrt(w1): the same
+    # eigenvalues, but of a symmetric PSD matrix, so eigvalsh finds them real, with errors of
+    # ~1e-16 of the largest (Weyl); round-off below 0 is clipped (its root would be imaginary).
+    r = v1 * np.sqrt(w1.clip(0))
+    tr_covmean = np.sqrt(np.linalg.eigvalsh(r.T @ s2 @ r).clip(0)).sum()
     diff = mu1 - mu2
-    return float(diff @ diff + np.trace(s1) + np.trace(s2) - 2 * roots.real.sum())
+    return float(diff @ diff + np.trace(s1) + np.trace(s2) - 2 * tr_covmean)
 
 
-def save_stats(path, mu, sigma):
-    atomic_write(path, lambda f: np.savez(f, mu=mu, sigma=sigma))
+def same_network(id_a, id_b, a, b):
+    """Refuse to compare statistics of different networks (their FID measures the networks);
+    statistics without a record (pytorch-fid's, older fid.py's) are accepted with a warning."""
+    if id_a is None or id_b is None:
+        known = f" ({id_a or id_b})" if id_a or id_b else ""
+        print(f"warning: {a if id_a is None else b} does not record which Inception weights made "
+              "it (pytorch-fid or an older fid.py wrote it); the FID is meaningful only if both "
+              f"sides come from the same network{known}", file=sys.stderr)
+    elif id_a != id_b:
+        raise DataError(f"{a} comes from Inception {id_a} but {b} from {id_b}: features of "
+                        "different networks are not comparable. Recompute one side with the "
+                        "other's --inception and --inception-weights (or delete a stale "
+                        "statistics file).")
+
+
+def save_stats(path, mu, sigma, weights_id):
+    """mu and sigma, and the network that made them (`inception` variant, `weights` hash)."""
+    if weights_id is None:
+        raise DataError(f"cannot save statistics to {path} without knowing which Inception "
+                        "weights made them: compute them from images with this fid.py.")
+    variant, digest = weights_id.rsplit("-", 1)
+    atomic_write(path, lambda f: np.savez(f, mu=mu, sigma=sigma, inception=variant,
+                                          weights=digest))
 
 
 def load_stats(path):
+    """(mu, sigma, weights_id) from a statistics .npz; weights_id None if it records none."""
     try:
         with np.load(path) as f:
-            return f["mu"], f["sigma"]
+            known = {"inception", "weights"} <= set(f.files)
+            return f["mu"], f["sigma"], f"{f['inception']}-{f['weights']}" if known else None
     except (OSError, ValueError, KeyError, zipfile.BadZipFile) as e:
         raise DataError(f"cannot read statistics (mu, sigma) from {path}: {e}") from None
 
 
-def stats_cache_name(dataset, split, size, n, variant):
-    """File name for cached statistics of real images, naming all they depend on. With a custom
-    weights file, pass its name as `variant`."""
-    return f"fid_stats_{dataset}_{split}_{size}px_n{n}_{variant}.npz"
+def stats_cache_name(dataset, split, size, n, weights_id):
+    """File name for cached statistics of real images, naming all they depend on: pass the
+    network's `weights_id` (content-keyed, so new weights under an old name are recomputed)."""
+    return f"fid_stats_{dataset}_{split}_{size}px_n{n}_{weights_id}.npz"
 
 
-def cached_stats(path, compute):
-    """(mu, sigma) from the .npz at `path` if it exists; else compute() them and save them there."""
+def cached_stats(path, compute, weights_id):
+    """(mu, sigma) from the .npz at `path` if it exists and was made by `weights_id`; else
+    compute() them and save them there with that record."""
     if os.path.exists(path):
-        return load_stats(path)
+        mu, sigma, stored = load_stats(path)
+        same_network(stored, weights_id, path, "this network")
+        return mu, sigma
     mu, sigma = compute()
-    save_stats(path, mu, sigma)
+    save_stats(path, mu, sigma, weights_id)
     return mu, sigma
 
 
@@ -379,18 +459,22 @@ def _read_images(paths):
     return np.stack(images)
 
 
-INPUTS = "a folder of images, a uint8 (N, H, W, 3) array in .npy/.npz, or a statistics .npz (mu, sigma)"
+INPUTS = ("a folder of images, a uint8 (N, H, W, 3) array in .npy/.npz, or a statistics .npz "
+          "(mu, sigma)")
 
 
 def input_stats(path, get_model, batch_size, device):
-    """Statistics of a command-line input: a folder of images, a uint8 .npy/.npz array or a stats .npz."""
+    """(mu, sigma, weights_id) of a command-line input: a folder of images, a uint8 .npy/.npz
+    array or a statistics .npz (weights_id None if it does not record it)."""
     if not os.path.exists(path):
         raise DataError(f"{path} does not exist")
+    total = None
     if os.path.isdir(path):
         paths = list_images(path)
         if not paths:
             raise DataError(f"no images found in folder {path}")
-        images = (_read_images(paths[i:i + batch_size]) for i in range(0, len(paths), batch_size))
+        total = len(paths)
+        images = (_read_images(paths[i:i + batch_size]) for i in range(0, total, batch_size))
     elif path.endswith((".npy", ".npz")):
         try:
             data = np.load(path, allow_pickle=False)
@@ -399,14 +483,17 @@ def input_stats(path, get_model, batch_size, device):
         if isinstance(data, np.lib.npyio.NpzFile):
             with data:
                 if {"mu", "sigma"} <= set(data.files):
-                    return data["mu"], data["sigma"]
+                    return load_stats(path)
                 if len(data.files) != 1:
-                    raise DataError(f"{path} holds {data.files}: expected mu and sigma, or one image array")
+                    raise DataError(f"{path} holds {data.files}: expected mu and sigma, or one "
+                                    "image array")
                 data = data[data.files[0]]
         images = _check_array(data)  # before loading the weights
     else:
         raise DataError(f"{path}: expected {INPUTS}")
-    return feature_stats(get_model(), images, batch_size, device, desc=path)
+    model = get_model()
+    return (*feature_stats(model, images, batch_size, device, desc=path, total=total),
+            model.weights_id)
 
 
 def bench(variant, batch_size, img_size, device, warmup=1, steps=5):
@@ -417,27 +504,31 @@ def bench(variant, batch_size, img_size, device, warmup=1, steps=5):
         seconds_per_call(lambda: model(x), warmup, device)
         rate = batch_size / seconds_per_call(lambda: model(x), steps, device)
     cuda = torch.device(device).type == "cuda"
-    print("device:", torch.cuda.get_device_name(device) if cuda else f"cpu, {torch.get_num_threads()} threads")
-    print(f"inception ({variant}, random weights, fp32, channels_last): {rate:.1f} images/s (batch {batch_size},"
-          f" {img_size}x{img_size} resized to 299x299, {warmup} warm-up + {steps} timed batches)")
+    print("device:", torch.cuda.get_device_name(device) if cuda
+          else f"cpu, {torch.get_num_threads()} threads")
+    print(f"inception ({variant}, random weights, fp32, channels_last): {rate:.1f} images/s "
+          f"(batch {batch_size}, {img_size}x{img_size} resized to 299x299, {warmup} warm-up + "
+          f"{steps} timed batches)")
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("a", nargs="?", help=f"first input: {INPUTS}")
-    p.add_argument("b", nargs="?", help="second input, of the same kinds (optional with --save-stats)")
-    p.add_argument("--save-stats", metavar="OUT.npz", help="save the statistics (mu, sigma) of A here")
+    p.add_argument("b", nargs="?", help="second input, of the same kinds (optional with "
+                                        "--save-stats)")
+    p.add_argument("--save-stats", metavar="OUT.npz", help="save the statistics (mu, sigma) of A")
     p.add_argument("--inception", choices=list(URLS), default="torchvision",
-                   help="Inception weights: 'tf' is the standard FID network (the TF 2015-12-05 graph as "
-                        "ported by pytorch-fid) and gives the FIDs comparable with the paper and the "
-                        "literature; 'torchvision' (ImageNet weights) gives FIDs on another scale")
+                   help="Inception weights: 'tf' is the standard FID network (the TF 2015-12-05 "
+                        "graph as ported by pytorch-fid) and gives the FIDs comparable with the "
+                        "paper and the literature; 'torchvision' (ImageNet weights) gives FIDs "
+                        "on another scale")
     p.add_argument("--inception-weights", metavar="PATH",
-                   help="load the Inception weights from this local file instead of downloading them")
+                   help="load the Inception weights from this local file instead of downloading")
     p.add_argument("--batch-size", type=int, default=200, help="images per Inception forward pass")
-    p.add_argument("--device", default=default_device(), help="torch device for the Inception network")
+    p.add_argument("--device", default=default_device(), help="torch device for the network")
     p.add_argument("--bench", action="store_true",
-                   help="print the Inception images/second on --device with random weights, then exit")
+                   help="print the Inception images/second on --device (random weights), then exit")
     p.add_argument("--img-size", type=int, default=32, help="side of the random --bench images")
     args = p.parse_args(argv)
     if not args.bench and (args.a is None or (args.b is None and not args.save_stats)):
@@ -449,11 +540,12 @@ def main(argv=None):
         # loaded only when an input is not a statistics file: two .npz statistics need no weights
         get_model = functools.cache(lambda: load_inception(args.inception, args.inception_weights,
                                                            args.device))
-        mu1, sigma1 = input_stats(args.a, get_model, args.batch_size, args.device)
+        mu1, sigma1, id1 = input_stats(args.a, get_model, args.batch_size, args.device)
         if args.save_stats:
-            save_stats(args.save_stats, mu1, sigma1)
+            save_stats(args.save_stats, mu1, sigma1, id1)
         if args.b is not None:
-            mu2, sigma2 = input_stats(args.b, get_model, args.batch_size, args.device)
+            mu2, sigma2, id2 = input_stats(args.b, get_model, args.batch_size, args.device)
+            same_network(id1, id2, args.a, args.b)
             print(f"{frechet_distance(mu1, sigma1, mu2, sigma2):.6f}")
     except DataError as e:
         print(f"error: {e}", file=sys.stderr)

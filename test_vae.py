@@ -12,6 +12,7 @@ import os
 import pathlib
 import pickle
 import re
+import shutil
 import tarfile
 import urllib.error
 import warnings
@@ -671,8 +672,9 @@ def test_eval_with_fid_on_random_weights(tiny, tmp_path, capsys):
     assert len(cached) == 1
     net = fid.load_inception("torchvision", str(weights), "cpu")
     test = data.load_split("folder", "test", str(tmp_path / "images"), 16)
-    np.testing.assert_allclose(fid.load_stats(cached[0])[0], fid.feature_stats(net, test[:4])[0],
-                               rtol=1e-5, atol=1e-6)
+    mu, sigma, weights_id = fid.load_stats(cached[0])
+    np.testing.assert_allclose(mu, fid.feature_stats(net, test[:4])[0], rtol=1e-5, atol=1e-6)
+    assert weights_id == res["inception_weights"] == net.weights_id
     assert res["inception"] == "torchvision" and res["gen2_fid"] is None
     assert all(np.isfinite(res[k]) for k in ("rec_fid", "gen1_fid"))
 
@@ -692,7 +694,1180 @@ def offline_with_private_cache(monkeypatch, tmp_path):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
 
 
+# =============================================================================================
+# data.py: CIFAR-10, CelebA, image folders, batches
+# =============================================================================================
+def files_under(root):
+    return sorted(os.path.relpath(os.path.join(d, f), root)
+                  for d, _, fs in os.walk(root) for f in fs)
 
+
+def save_png(path, array):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    Image.fromarray(array).save(path, format="PNG")  # lossless, whatever the file's extension
+
+
+def jpeg_round_trip(pixels, quality):
+    """The reference's imsave(.jpg) + imread, spelled out: Pillow at `quality`, 4:2:0."""
+    buf = io.BytesIO()
+    Image.fromarray(np.asarray(pixels)).save(buf, format="JPEG", quality=quality,
+                                             subsampling="4:2:0")
+    return np.asarray(Image.open(buf).convert("RGB"))
+
+
+def no_image_opens(monkeypatch):
+    """From now on, opening any image (here or in a forked worker) fails the call."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("an image was opened")
+    monkeypatch.setattr(data.Image, "open", refuse)
+
+
+# ---------------------------------------------------------------- CIFAR-10
+
+def cifar_image(k):
+    """Image k as (row, column, channel): every pixel differs from its transposed or
+    plane-swapped counterpart, so a wrong reshape cannot pass."""
+    y, x, c = np.indices((32, 32, 3))
+    return ((7 * k + 3 * y + 5 * x + 80 * c) % 256).astype(np.uint8)
+
+
+COUNTS = {**{f"data_batch_{i}": 2 for i in range(1, 6)}, "test_batch": 3}
+TRAIN = np.stack([cifar_image(k) for k in range(10)])
+TEST = np.stack([cifar_image(k) for k in range(10, 13)])
+
+
+class Gadget:
+    """Unpickling it calls func(*args): what a tampered batch would do."""
+    def __init__(self, func, *args):
+        self.func, self.args = func, args
+
+    def __reduce__(self):
+        return self.func, self.args
+
+
+def cifar_tarball(path, module="numpy._core", replace=None):
+    """An official-format tarball; `module` spells numpy's module as numpy 2 (numpy._core) or
+    the official files (numpy.core) do. `replace` maps a batch name to another object to
+    pickle. Returns its MD5."""
+    members, k = {}, 0
+    for name, n in COUNTS.items():
+        # a b'data' row is the R plane, then G, then B, each row-major (the official format)
+        rows = np.stack([np.concatenate([cifar_image(i)[:, :, c].ravel() for c in range(3)])
+                         for i in range(k, k + n)])
+        batch = {b"batch_label": name.encode(), b"labels": [i % 10 for i in range(n)],
+                 b"data": rows, b"filenames": [b"%d.png" % i for i in range(n)]}
+        # protocol 3 names globals as plain text (GLOBAL opcode), like the official protocol-2
+        raw = pickle.dumps((replace or {}).get(name, batch), protocol=3)
+        members[name] = raw.replace(b"numpy._core.multiarray", module.encode() + b".multiarray")
+        k += n
+    meta = {b"label_names": [b"cat"] * 10, b"num_vis": 3072}
+    members["batches.meta"] = pickle.dumps(meta, protocol=3)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with tarfile.open(path, "w:gz") as tar:
+        for name, raw in members.items():
+            info = tarfile.TarInfo(f"cifar-10-batches-py/{name}")
+            info.size = len(raw)
+            tar.addfile(info, io.BytesIO(raw))
+    with open(path, "rb") as f:
+        return hashlib.md5(f.read()).hexdigest()
+
+
+@pytest.fixture
+def cifar_dir(tmp_path, monkeypatch):
+    root = tmp_path / "data"
+    monkeypatch.setattr(data, "CIFAR_MD5", cifar_tarball(root / "cifar-10-python.tar.gz"))
+    return root
+
+
+def test_official_constants():
+    """The reference's facts that the fixtures below replace with small ones."""
+    assert data.CIFAR_MD5 == "c58f30108f718f92721af3b95e74349a"
+    assert data.CIFAR_URL == "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
+    assert data.CELEBA_SPLITS == {"train": (0, 162770), "valid": (162770, 182637),
+                                  "test": (182637, 202599)}
+
+
+@pytest.mark.parametrize("module", ["numpy.core", "numpy._core"])
+def test_cifar_pixels_exact_and_cached(tmp_path, monkeypatch, module):
+    root = tmp_path / "data"
+    monkeypatch.setattr(data, "CIFAR_MD5", cifar_tarball(root / "cifar-10-python.tar.gz", module))
+    for split, expected in [("train", TRAIN), ("test", TEST)]:
+        x = data.load_split("cifar10", split, root)
+        assert isinstance(x, np.memmap) and not x.flags.writeable
+        np.testing.assert_array_equal(x, expected)
+    os.remove(root / "cifar-10-python.tar.gz")  # the caches alone now serve both splits
+    np.testing.assert_array_equal(data.load_split("cifar10", "train", root), TRAIN)
+    assert files_under(root) == ["cifar10_test.npy", "cifar10_train.npy"]
+
+
+class FakeResponse(io.BytesIO):
+    """What urlopen returns; with `drop`, the connection breaks after the first read."""
+    def __init__(self, payload, drop=False):
+        super().__init__(payload)
+        self.headers, self.drop, self.reads = {"Content-Length": str(len(payload))}, drop, 0
+
+    def read(self, n=-1):
+        self.reads += 1
+        if self.drop and self.reads > 1:
+            raise ConnectionResetError("connection reset by peer")
+        return super().read(n)
+
+
+@pytest.mark.parametrize("outcome", ["ok", "corrupt", "dropped"])
+def test_cifar_download_verified_before_use(tmp_path, monkeypatch, capsys, outcome):
+    src, root = tmp_path / "official.tar.gz", tmp_path / "data"
+    monkeypatch.setattr(data, "CIFAR_MD5", cifar_tarball(src))
+    payload = src.read_bytes()
+    if outcome == "corrupt":
+        payload = payload[:-1] + bytes([payload[-1] ^ 1])
+    monkeypatch.setattr(data.urllib.request, "urlopen",
+                        lambda url, timeout: FakeResponse(payload, drop=outcome == "dropped"))
+    if outcome == "ok":
+        np.testing.assert_array_equal(data.load_split("cifar10", "test", root), TEST)
+        assert (root / "cifar-10-python.tar.gz").read_bytes() == payload
+        # the final count is drawn even when the whole file came within 0.25 s
+        assert f"\rdownloading {data.CIFAR_URL} 0/1 MiB, " in capsys.readouterr().err
+    else:
+        match = "MD5" if outcome == "corrupt" else "connection reset"
+        with pytest.raises(data.DataError, match=match) as e:
+            data.load_split("cifar10", "train", root)
+        assert data.CIFAR_URL in str(e.value)
+        assert files_under(root) == []  # neither the partial download nor a cache
+
+
+@pytest.mark.parametrize("download", [True, False])
+def test_cifar_missing_tarball_names_url_and_path(tmp_path, download):
+    root = tmp_path / "data"
+    with pytest.raises(data.DataError) as e:
+        data.load_split("cifar10", "train", root, download=download)
+    assert data.CIFAR_URL in str(e.value) and str(root / "cifar-10-python.tar.gz") in str(e.value)
+    assert not root.exists() or files_under(root) == []  # no partial download left behind
+
+
+def test_cifar_corrupt_tarball_is_refused_with_a_way_on_offline(cifar_dir):
+    tarball = cifar_dir / "cifar-10-python.tar.gz"
+    tarball.write_bytes(tarball.read_bytes()[:1000])  # a truncated download
+    found = hashlib.md5(tarball.read_bytes()).hexdigest()
+    with pytest.raises(data.DataError) as e:
+        data.load_split("cifar10", "train", cifar_dir)
+    msg = str(e.value)
+    assert f"{tarball} has MD5 {found}, not the official {data.CIFAR_MD5}" in msg
+    assert f"Put the official file ({data.CIFAR_URL}) there" in msg
+    assert "--dataset folder" in msg
+    assert files_under(cifar_dir) == ["cifar-10-python.tar.gz"]
+
+
+@pytest.mark.parametrize("gadget", ["os.system", "builtins.open"])
+def test_cifar_malicious_pickle_is_not_executed(tmp_path, monkeypatch, gadget):
+    root, marker = tmp_path / "data", tmp_path / "pwned"
+    if gadget == "os.system":
+        evil = Gadget(os.system, f"touch {marker}")
+    else:
+        evil = Gadget(builtins.open, str(marker), "w")
+    md5 = cifar_tarball(root / "cifar-10-python.tar.gz", replace={"test_batch": evil})
+    monkeypatch.setattr(data, "CIFAR_MD5", md5)
+    with pytest.raises(data.DataError, match="test_batch .*no official CIFAR-10 batch contains"):
+        data.load_split("cifar10", "train", root)
+    assert not marker.exists()
+    assert files_under(root) == ["cifar-10-python.tar.gz"]  # not even the (valid) train cache
+
+
+@pytest.mark.parametrize("cut", [0, 50, -1, "shape"])
+def test_damaged_cache_is_refused_then_rebuilt_once_deleted(cifar_dir, cut):
+    data.load_split("cifar10", "train", cifar_dir)
+    cache = cifar_dir / "cifar10_train.npy"
+    if cut == "shape":  # whole, but not what its name says
+        np.save(cache, TRAIN[:, :16])
+    else:  # empty, header cut, last byte missing
+        cache.write_bytes(cache.read_bytes()[:cut])
+    with pytest.raises(data.DataError, match=f"the cache {cache} is damaged .*delete it"):
+        data.load_split("cifar10", "train", cifar_dir)
+    os.remove(cache)
+    np.testing.assert_array_equal(data.load_split("cifar10", "train", cifar_dir), TRAIN)
+
+
+def test_cifar_jpeg_round_trip_of_both_splits(cifar_dir):
+    for split, pixels in [("train", TRAIN), ("test", TEST)]:
+        x = data.load_split("cifar10", split, cifar_dir, jpeg=75)
+        np.testing.assert_array_equal(x, np.stack([jpeg_round_trip(a, 75) for a in pixels]))
+        assert np.abs(x.astype(int) - pixels).max() > 0  # lossy indeed
+    os.remove(cifar_dir / "cifar-10-python.tar.gz")  # served from the caches from now on
+    np.testing.assert_array_equal(data.load_split("cifar10", "test", cifar_dir), TEST)
+    q95 = data.load_split("cifar10", "test", cifar_dir, jpeg=95)
+    np.testing.assert_array_equal(q95, np.stack([jpeg_round_trip(a, 95) for a in TEST]))
+    assert files_under(cifar_dir) == ["cifar10_test.npy", "cifar10_test_jpeg75.npy",
+                                      "cifar10_test_jpeg95.npy", "cifar10_train.npy",
+                                      "cifar10_train_jpeg75.npy"]
+
+
+# ---------------------------------------------------------------- CelebA
+
+QUADRANTS = ((0, 0), (0, 64), (64, 0), (64, 64))  # top-left corners inside the 128x128 window
+
+
+def celeba_colours(k):
+    return np.array([(10 * k, 20, 30), (40, 10 * k + 5, 60),
+                     (70, 80, 10 * k + 9), (200, 210, 220 - k)], np.uint8)
+
+
+def celeba_image(k):
+    """A 178x218 image, green outside the crop window; the window's quadrants have image k's
+    colours."""
+    a = np.full((218, 178, 3), (0, 255, 0), np.uint8)
+    for (r, c), colour in zip(QUADRANTS, celeba_colours(k)):
+        a[45 + r:45 + r + 64, 25 + c:25 + c + 64] = colour
+    return a
+
+
+def assert_celeba(x, ks):
+    """At 64x64 each quadrant is 32x32; pixels within 4 of the quadrant borders may blend, all
+    others (the outer rim included: any green there would mean a shifted crop) are exact."""
+    assert x.shape == (len(ks), 64, 64, 3)
+    far = np.ones(64, bool)
+    far[28:36] = False
+    for img, k in zip(x, ks):
+        for (r, c), colour in zip(QUADRANTS, celeba_colours(k)):
+            rows, cols = np.arange(r // 2, r // 2 + 32), np.arange(c // 2, c // 2 + 32)
+            assert (img[np.ix_(rows[far[rows]], cols[far[cols]])] == colour).all()
+
+
+def make_celeba(root, n=5, source="folder", partition=None):
+    """n CelebA-like files 000001.jpg... (PNG inside: lossless) as a folder or the official
+    zip."""
+    os.makedirs(root / "celeba", exist_ok=True)
+    if source == "folder":
+        for k in range(n):
+            save_png(root / "celeba" / "img_align_celeba" / f"{k + 1:06d}.jpg", celeba_image(k))
+    else:
+        with zipfile.ZipFile(root / "celeba" / "img_align_celeba.zip", "w") as zf:
+            for k in reversed(range(n)):  # the zip's own order must not matter
+                buf = io.BytesIO()
+                Image.fromarray(celeba_image(k)).save(buf, format="PNG")
+                zf.writestr(f"img_align_celeba/{k + 1:06d}.jpg", buf.getvalue())
+    if partition is not None:
+        (root / "celeba" / "list_eval_partition.txt").write_text(
+            "".join(f"{k + 1:06d}.jpg {p}\n" for k, p in enumerate(partition)))
+
+
+@pytest.fixture
+def small_celeba_splits(monkeypatch):
+    monkeypatch.setattr(data, "CELEBA_SPLITS", {"train": (0, 3), "valid": (3, 4), "test": (4, 5)})
+
+
+@pytest.mark.parametrize("source", ["folder", "zip"])
+@pytest.mark.parametrize("partition, expected", [
+    (None, {"train": [0, 1, 2], "valid": [3], "test": [4]}),  # by index, small_celeba_splits
+    ([0, 2, 0, 1, 0], {"train": [0, 2, 4], "valid": [3], "test": [1]}),
+])
+def test_celeba_crop_resize_and_split(tmp_path, small_celeba_splits, source, partition,
+                                      expected):
+    make_celeba(tmp_path, source=source, partition=partition)
+    for split, ks in expected.items():
+        assert_celeba(data.load_split("celeba", split, tmp_path), ks)
+    assert os.path.exists(tmp_path / "celeba" / "valid_64_bilinear.npy")
+
+
+def test_celeba_cache_is_per_resize_mode(tmp_path, small_celeba_splits):
+    make_celeba(tmp_path)
+    assert_celeba(data.load_split("celeba", "test", tmp_path, resize="lanczos"), [4])
+    os.rename(tmp_path / "celeba" / "img_align_celeba", tmp_path / "moved")
+    assert_celeba(data.load_split("celeba", "test", tmp_path, resize="lanczos"), [4])  # cached
+    with pytest.raises(data.DataError, match="CelebA not found"):
+        data.load_split("celeba", "test", tmp_path, resize="nearest")
+
+
+def test_celeba_jpeg_comes_after_crop_and_resize(tmp_path, small_celeba_splits):
+    make_celeba(tmp_path)
+    lossless = data.load_split("celeba", "train", tmp_path)
+    x = data.load_split("celeba", "train", tmp_path, jpeg=75)
+    np.testing.assert_array_equal(x, np.stack([jpeg_round_trip(a, 75) for a in lossless]))
+    assert os.path.exists(tmp_path / "celeba" / "train_64_bilinear_jpeg75.npy")
+
+
+# ---------------------------------------------------------------- image folders
+
+def folder_image(k, wide):
+    """A 50x30 (or 30x50) image whose centred 30x30 square is colour k and the rest white."""
+    a = np.full((30, 50, 3) if wide else (50, 30, 3), 255, np.uint8)
+    (a[:, 10:40] if wide else a[10:40])[:] = (k, 100 + k, 200 - k)
+    return a
+
+
+# Sorted by path relative to the root; created in another order. Index 9 is the test image.
+NESTED = ["a/0.png", "a/b/1.bmp", "a/b/c/2.PNG", "a/z.png", "b.png", "c/0.png", "c/1.png",
+          "d.png", "e.png", "f/x.png", "g.png", "h.png"]
+
+
+def make_folder(root, rels, start=0):
+    for k, rel in reversed(list(enumerate(rels, start))):
+        a = folder_image(k, wide=k % 2 == 0)
+        os.makedirs(os.path.dirname(root / rel), exist_ok=True)
+        Image.fromarray(a).save(root / rel, format="BMP" if rel.endswith(".bmp") else "PNG")
+    (root / "notes.txt").write_text("not an image")
+
+
+def colours(ks):
+    """The expected 15x15 images: each centre colour k, uniform (so exact in every resize
+    mode)."""
+    centres = np.array([(k, 100 + k, 200 - k) for k in ks], np.uint8)
+    return np.broadcast_to(centres[:, None, None], (len(ks), 15, 15, 3))
+
+
+def cache_dirs(tmp_path):
+    return sorted(os.listdir(tmp_path / "cache" / "balancing-vae"))
+
+
+def test_folder_nested_tree_split_every_10th(tmp_path):
+    make_folder(tmp_path / "imgs", NESTED)
+    before = files_under(tmp_path / "imgs")
+    test = data.load_split("folder", "test", tmp_path / "imgs", 15)
+    np.testing.assert_array_equal(test, colours([9]))
+    np.testing.assert_array_equal(data.load_split("folder", "train", tmp_path / "imgs", 15),
+                                  colours([0, 1, 2, 3, 4, 5, 6, 7, 8, 10, 11]))
+    assert files_under(tmp_path / "imgs") == before  # the caches live elsewhere
+    assert all(f.startswith("balancing-vae/folder-") for f in files_under(tmp_path / "cache"))
+
+
+def test_folder_train_test_subfolders_and_modes(tmp_path):
+    make_folder(tmp_path, ["train/cat/0.png", "train/dog/1.png", "test/2.png", "other/3.png"])
+    for mode in data.RESIZE_MODES:
+        train = data.load_split("folder", "train", tmp_path, 15, mode)
+        np.testing.assert_array_equal(train, colours([0, 1]))
+        np.testing.assert_array_equal(data.load_split("folder", "test", tmp_path, 15, mode),
+                                      colours([2]))
+
+
+def test_folder_grey_and_rgba_become_rgb(tmp_path):
+    Image.fromarray(np.full((8, 8), 77, np.uint8)).save(tmp_path / "0.png")
+    Image.fromarray(np.full((8, 8, 4), (1, 2, 3, 0), np.uint8)).save(tmp_path / "1.png")
+    x = data.load_split("folder", "train", tmp_path, 8)
+    np.testing.assert_array_equal(x[:, 0, 0], [[77, 77, 77], [1, 2, 3]])
+
+
+def test_folder_cache_follows_changes_and_replaces_the_stale_one(tmp_path, capsys):
+    imgs, other = tmp_path / "imgs", tmp_path / "other"  # another folder's cache stays
+    make_folder(imgs, NESTED[:3])
+    make_folder(other, ["0.png"])
+    data.load_split("folder", "train", other, 15)
+    old = tmp_path / "cache" / "balancing-vae" / "folder-0123456789abcdef"
+    os.makedirs(old)  # a cache from before caches named their folder: left alone
+    np.testing.assert_array_equal(data.load_split("folder", "train", imgs, 15), colours([0, 1, 2]))
+    assert len(cache_dirs(tmp_path)) == 3
+    size = os.path.getsize(imgs / "a/b/1.bmp")
+    make_folder(imgs, ["a/b/1.bmp"], start=51)  # new content, same size (BMP: uncompressed)
+    os.utime(imgs / "a/b/1.bmp", ns=(1, 1))  # and surely another mtime
+    assert os.path.getsize(imgs / "a/b/1.bmp") == size
+    capsys.readouterr()
+    np.testing.assert_array_equal(data.load_split("folder", "train", imgs, 15),
+                                  colours([0, 51, 2]))
+    err = capsys.readouterr().err
+    assert f"removed 1 stale cache directories (0 MB) of {imgs}, whose images changed" in err
+    assert len(cache_dirs(tmp_path)) == 3  # one of imgs, one of other, the old one
+    make_folder(imgs, ["zz.png"], start=60)  # an added image
+    np.testing.assert_array_equal(data.load_split("folder", "train", imgs, 15),
+                                  colours([0, 51, 2, 60]))
+    keys = [data._folder_files(str(f))[2] for f in (imgs, other)]
+    assert cache_dirs(tmp_path) == sorted(["folder-0123456789abcdef"] +
+                                          [f"folder-{k}" for k in keys])
+    source = tmp_path / "cache" / "balancing-vae" / f"folder-{keys[0]}" / "source"
+    assert source.read_text() == str(imgs)
+
+
+@pytest.mark.parametrize("mode, interior", [("nearest", 255), ("bilinear", 128), ("box", 128)])
+def test_resize_modes_really_differ(tmp_path, mode, interior):
+    """A 1-pixel checkerboard halved: nearest keeps one phase (the jaggies of Fig. 3), filters
+    average."""
+    y, x = np.indices((64, 64))
+    board = np.where((x + y) % 2 == 0, 255, 0).astype(np.uint8)
+    save_png(str(tmp_path / "0.png"), np.stack([board] * 3, axis=-1))
+    out = data.load_split("folder", "train", tmp_path, 32, mode)
+    assert (out[0, 1:-1, 1:-1] == interior).all()
+
+
+def test_each_resize_mode_is_its_pil_filter_and_default_bilinear(tmp_path):
+    """Random pixels, centre-cropped 40x30 -> 30x30 and resized to 17: each mode equals PIL's
+    filter of that name, and no mode given means bilinear."""
+    a = np.random.default_rng(1).integers(0, 256, (30, 40, 3), dtype=np.uint8)
+    save_png(str(tmp_path / "0.png"), a)
+    square = Image.fromarray(a[:, 5:35])
+    for mode, pil in [("bilinear", Image.BILINEAR), ("bicubic", Image.BICUBIC),
+                      ("nearest", Image.NEAREST), ("lanczos", Image.LANCZOS),
+                      ("box", Image.BOX), ("hamming", Image.HAMMING)]:
+        expected = np.asarray(square.resize((17, 17), pil))
+        np.testing.assert_array_equal(data.load_split("folder", "train", tmp_path, 17, mode)[0],
+                                      expected)
+    assert len(data.RESIZE_MODES) == 6
+    expected = np.asarray(square.resize((17, 17), Image.BILINEAR))
+    np.testing.assert_array_equal(data.load_split("folder", "train", tmp_path, 17)[0], expected)
+
+
+def test_folder_jpeg_round_trip_per_quality(tmp_path):
+    rng = np.random.default_rng(2)
+    smooth = np.cumsum(rng.integers(0, 9, (2, 16, 16, 3)), axis=2).astype(np.uint8)
+    flat = np.full((16, 16, 3), (200, 30, 90), np.uint8)  # 8x8-aligned blocks of one colour
+    for k, a in enumerate([smooth[0], smooth[1], flat]):
+        save_png(str(tmp_path / "imgs" / f"{k}.png"), a)
+    x75 = data.load_split("folder", "train", tmp_path / "imgs", 16, jpeg=75)
+    x95 = data.load_split("folder", "train", tmp_path / "imgs", 16, jpeg=95)
+    for x, q in [(x75, 75), (x95, 95)]:
+        np.testing.assert_array_equal(x[:2], [jpeg_round_trip(a, q) for a in smooth])
+    assert np.abs(x75[2].astype(int) - flat).max() <= 2  # survives almost exactly
+    assert not np.array_equal(x75[:2], x95[:2])
+    lossless = data.load_split("folder", "train", tmp_path / "imgs", 16)
+    np.testing.assert_array_equal(lossless, [smooth[0], smooth[1], flat])
+    names = [os.path.basename(f) for f in files_under(tmp_path / "cache") if f.endswith(".npy")]
+    assert sorted(names) == ["train_16_bilinear.npy", "train_16_bilinear_jpeg75.npy",
+                             "train_16_bilinear_jpeg95.npy"]
+
+
+def test_undecodable_image_is_named_and_no_cache_is_left(tmp_path):
+    make_folder(tmp_path / "imgs", NESTED)
+    (tmp_path / "imgs" / "c" / "1.png").write_bytes(b"\x89PNG but not really")
+    with pytest.raises(data.DataError, match=r"cannot decode image .*c.1\.png"):
+        data.load_split("folder", "train", tmp_path / "imgs", 15)
+    assert not any(f.endswith(".npy") or ".tmp-" in f for f in files_under(tmp_path / "cache"))
+    make_folder(tmp_path / "imgs", NESTED)  # repaired: the next call prepares a good cache
+    x = data.load_split("folder", "train", tmp_path / "imgs", 15)
+    np.testing.assert_array_equal(x, colours([0, 1, 2, 3, 4, 5, 6, 7, 8, 10, 11]))
+
+
+def test_atomic_write_keeps_old_file_on_failure(tmp_path):
+    path = tmp_path / "x.npy"
+    path.write_bytes(b"old")
+
+    def write_then_fail(f):
+        f.write(b"half")
+        raise KeyboardInterrupt
+    with pytest.raises(KeyboardInterrupt):
+        data.atomic_write(path, write_then_fail)
+    assert files_under(tmp_path) == ["x.npy"] and path.read_bytes() == b"old"
+
+
+# ---------------------------------------------------------------- default size, identity
+
+@pytest.mark.parametrize("sizes, expected", [
+    ([(32, 32)] * 12, (32, "every image is 32x32")),
+    ([(32, 32)] * 5 + [(16, 16)] + [(8, 8)], (64, "images of mixed sizes, e.g. 32x32 and 16x16")),
+    ([(20, 10)] * 3, (64, "every image is 20x10, not square")),
+    ([(48, 48)] * 3, (64, "every image is 48x48, not a power of two >= 4 as the network needs")),
+    ([(2, 2)] * 3, (64, "every image is 2x2, not a power of two >= 4 as the network needs")),
+])
+def test_folder_default_size_from_headers_cached(tmp_path, monkeypatch, sizes, expected):
+    for k, (w, h) in enumerate(sizes):
+        save_png(str(tmp_path / "imgs" / f"{k:02d}.png"), np.full((h, w, 3), k, np.uint8))
+    assert data.choose_img_size("folder", tmp_path / "imgs") == expected
+    no_image_opens(monkeypatch)  # the second start reads the cached answer, no image
+    assert data.choose_img_size("folder", tmp_path / "imgs") == expected
+    assert data.default_img_size("folder", tmp_path / "imgs") == expected[0]
+
+
+def test_folder_default_size_used_by_load_split_and_follows_changes(tmp_path):
+    for k in range(3):
+        save_png(str(tmp_path / f"{k}.png"), np.full((8, 8, 3), k, np.uint8))
+    assert data.load_split("folder", "train", tmp_path).shape == (3, 8, 8, 3)  # not 64
+    save_png(str(tmp_path / "3.png"), np.full((16, 16, 3), 3, np.uint8))
+    assert data.choose_img_size("folder", tmp_path)[0] == 64
+
+
+def test_fixed_default_sizes():
+    assert data.choose_img_size("cifar10") == (32, "CIFAR-10's only size")
+    assert data.choose_img_size("celeba", "anywhere") == (64, "the paper's CelebA size")
+
+
+def test_fingerprint_cifar10_ignores_resize(cifar_dir):
+    expected = {"dataset": "cifar10", "source": f"md5 {data.CIFAR_MD5}", "img_size": 32,
+                "resize": None, "jpeg": 75}
+    assert data.fingerprint("cifar10", cifar_dir, None, "nearest", 75) == expected
+    assert data.fingerprint("cifar10", cifar_dir, 32, "bilinear", 75) == expected
+
+
+def test_fingerprint_celeba_counts_and_partition_hash(tmp_path):
+    make_celeba(tmp_path, source="zip")
+    fp = data.fingerprint("celeba", tmp_path)
+    assert fp == {"dataset": "celeba", "source": "5 images, list_eval_partition.txt sha1 None",
+                  "img_size": 64, "resize": "bilinear", "jpeg": None}
+    make_celeba(tmp_path, source="zip", partition=[0, 0, 0, 1, 2])
+    sha1 = hashlib.sha1(b"".join(b"%06d.jpg %d\n" % (k + 1, p)
+                                 for k, p in enumerate([0, 0, 0, 1, 2]))).hexdigest()
+    fp = data.fingerprint("celeba", tmp_path, 32, "box")
+    assert fp["source"] == f"5 images, list_eval_partition.txt sha1 {sha1}"
+    assert (fp["img_size"], fp["resize"]) == (32, "box")
+
+
+def test_fingerprint_folder_is_its_cache_key_and_cheap(tmp_path, monkeypatch):
+    make_folder(tmp_path / "imgs", NESTED[:3])
+    data.load_split("folder", "train", tmp_path / "imgs", 15)
+    (cache,) = cache_dirs(tmp_path)
+    no_image_opens(monkeypatch)
+    fp = data.fingerprint("folder", tmp_path / "imgs", 15, "box", 90)
+    assert fp == {"dataset": "folder", "source": f"folder key {cache[len('folder-'):]}",
+                  "img_size": 15, "resize": "box", "jpeg": 90}
+    os.utime(tmp_path / "imgs" / "a/0.png", ns=(1, 1))
+    assert data.fingerprint("folder", tmp_path / "imgs", 15, "box", 90) != fp
+
+
+# ---------------------------------------------------------------- bad input
+
+@pytest.mark.parametrize("setup, call, message", [
+    (None, ("mnist", "train"), "unknown dataset 'mnist'"),
+    (None, ("folder", "train", "{tmp}", 8, "bogus"), "unknown resize mode 'bogus'"),
+    (None, ("folder", "valid", "{tmp}"), "folder has no split 'valid'"),
+    (None, ("cifar10", "train", "{tmp}", 64), "CIFAR-10 images are 32x32"),
+    (None, ("cifar10", "train", "{tmp}", 0), "image size must be positive, got 0"),
+    ("one image", ("folder", "train", "{tmp}", -3), "image size must be positive, got -3"),
+    (None, ("folder", "train", "{tmp}/nowhere"),
+     "image folder .*nowhere not found; give --data-dir the folder that holds your images"),
+    ("one image", ("folder", "train", "{tmp}/0.png"), "0.png is a file; give the folder"),
+    ("one image", ("cifar10", "train", "{tmp}/0.png"), "0.png is a file; give the folder"),
+    (None, ("folder", "train", "{tmp}"), "no images .* put your images there"),
+    ("broken link", ("folder", "train", "{tmp}"), "cannot read .*gone.png .*repair or remove"),
+    ("one image", ("folder", "test", "{tmp}"), "test split of .* is empty"),
+    ("cache is a file", ("folder", "train", "{tmp}", 8), "cannot write .*free some disk space"),
+    (None, ("celeba", "train", "{tmp}"), "CelebA not found: expected .*img_align_celeba.zip"),
+    ("celeba", ("celeba", "train", "{tmp}"), "found 5 CelebA images .* not 202599"),
+    ("celeba bad partition", ("celeba", "train", "{tmp}"),
+     "list_eval_partition.txt lists 4 images but 5"),
+    ("celeba wrong size", ("celeba", "train", "{tmp}"), "000002.jpg is 50x30, not 178x218"),
+    ("one image", ("folder", "train", "{tmp}", 8, "bilinear", True, 0), "JPEG quality must be"),
+    ("one image", ("folder", "train", "{tmp}", 8, "bilinear", True, 96), "from 1 to 95, got 96"),
+    ("one image", ("folder", "train", "{tmp}", 8, "bilinear", True, 75.0), "got 75.0"),
+])
+def test_bad_input_gives_clear_error(tmp_path, monkeypatch, setup, call, message):
+    if setup in ("one image", "broken link", "cache is a file"):
+        make_folder(tmp_path, ["0.png"] if setup == "one image" else NESTED[:3])
+    if setup == "broken link":
+        os.symlink(tmp_path / "nothing", tmp_path / "gone.png")
+    if setup == "cache is a file":
+        (tmp_path / "cachefile").write_text("")
+        monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cachefile"))
+    elif setup and setup.startswith("celeba"):
+        make_celeba(tmp_path, partition=[0, 0, 1, 2] if "partition" in setup else None)
+        if "wrong size" in setup:
+            save_png(str(tmp_path / "celeba" / "img_align_celeba" / "000002.jpg"),
+                     folder_image(0, True))
+            part = "".join(f"{k:06d}.jpg 0\n" for k in range(1, 6))  # all train
+            (tmp_path / "celeba" / "list_eval_partition.txt").write_text(part)
+    args = [a.format(tmp=tmp_path) if isinstance(a, str) else a for a in call]
+    with pytest.raises(data.DataError, match=message):
+        data.load_split(*args)
+
+
+def test_damaged_size_record_says_delete_it(tmp_path):
+    make_folder(tmp_path / "imgs", ["0.png"])
+    data.choose_img_size("folder", tmp_path / "imgs")
+    (record,) = [f for f in files_under(tmp_path / "cache") if f.endswith("image_sizes.json")]
+    (tmp_path / "cache" / record).write_text('[[50, ')
+    with pytest.raises(data.DataError, match="image_sizes.json is damaged .*delete it"):
+        data.choose_img_size("folder", tmp_path / "imgs")
+
+
+# ---------------------------------------------------------------- subsets and Batches
+
+def test_subset_is_seeded_spread_sorted_and_checked():
+    """1000 'images' sorted by class (100 per class), as a class-folder tree lists them."""
+    images = np.arange(1000)[:, None]
+    ids = data.subset(images, 100, seed=3)[:, 0]
+    expected = np.sort(np.random.default_rng(3).choice(1000, 100, replace=False))
+    np.testing.assert_array_equal(ids, expected)  # the documented draw, so resumes agree
+    assert (np.diff(ids) > 0).all() and set(ids // 100) == set(range(10))  # every class
+    np.testing.assert_array_equal(data.subset(images, 100, seed=3)[:, 0], ids)
+    assert not np.array_equal(data.subset(images, 100, seed=4)[:, 0], ids)
+    assert data.subset(images, None, seed=3) is images
+    np.testing.assert_array_equal(data.subset(images, 1000, seed=3), images)
+    for bad in (0, 1001):
+        with pytest.raises(data.DataError, match=f"--limit {bad} is not between 1 and 1000"):
+            data.subset(images, bad, seed=3)
+
+
+IMAGES = np.random.default_rng(0).integers(0, 256, (10, 4, 5, 3), dtype=np.uint8)
+IMAGES[:, 0, 0, 0] = np.arange(10)  # each image's id
+
+
+def ids(batch):
+    return (batch[:, 0, 0, 0] * 255).round().long().tolist()
+
+
+@pytest.mark.parametrize("drop_last, sizes", [(True, [3, 3, 3]), (False, [3, 3, 3, 1])])
+def test_batches_cover_each_image_once_exactly(drop_last, sizes):
+    b = data.Batches(IMAGES, 3, drop_last=drop_last)
+    assert len(b) == len(sizes)
+    for e in range(3):
+        batches = list(b.epoch(e))
+        assert [len(x) for x in batches] == sizes
+        seen = sum((ids(x) for x in batches), [])
+        assert len(set(seen)) == len(seen) == sum(sizes)
+        for x in batches:
+            assert x.dtype == torch.float32 and x.shape[1:] == (3, 4, 5)
+            assert x.is_contiguous(memory_format=torch.channels_last)
+            expected = IMAGES[ids(x)].transpose(0, 3, 1, 2).astype(np.float32) / np.float32(255)
+            assert torch.equal(x, torch.from_numpy(expected))
+
+
+def test_batches_order_depends_only_on_seed_and_epoch():
+    def order(e, seed=0, shuffle=True):
+        batches = data.Batches(IMAGES, 5, seed=seed, shuffle=shuffle).epoch(e)
+        return sum((ids(x) for x in batches), [])
+    assert order(3) == order(3)  # a fresh instance, as after a resume
+    assert order(0) != order(1) and order(0, seed=1) != order(0)
+    assert order(1, seed=0) != order(0, seed=1)  # seed and epoch do not just add up
+    # the documented generator, so a checkpoint resumed by another version sees the same order
+    g = torch.Generator().manual_seed(7 * 1_000_003 + 2)
+    assert order(2, seed=7) == torch.randperm(10, generator=g).tolist()
+    assert order(0, shuffle=False) == list(range(10))
+
+
+def test_batches_from_read_only_memmap_without_warning(tmp_path):
+    np.save(tmp_path / "x.npy", IMAGES)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        b = data.Batches(np.load(tmp_path / "x.npy", mmap_mode="r"), 10, shuffle=False)
+    assert torch.equal(b.x, torch.from_numpy(IMAGES))
+
+
+def test_batches_too_few_images():
+    with pytest.raises(data.DataError, match="10 images do not make one batch of 11"):
+        data.Batches(IMAGES, 11)
+
+
+# ---------------------------------------------------------------- command line
+
+def test_cli_prints_split_stats_and_writes_preview(cifar_dir, tmp_path, capsys):
+    argv = ["--dataset", "cifar10", "--data-dir", str(cifar_dir),
+            "--preview", str(tmp_path / "g.png")]
+    assert data.main(argv) == 0
+    expected = []
+    for split, x in [("train", TRAIN), ("test", TEST)]:
+        r, g, b = (x[..., c].astype(np.float64).sum() / x[..., c].size for c in range(3))
+        expected.append(f"{split:5s} {len(x):7d} images  32x32x3  mean R,G,B {r:.2f} {g:.2f} "
+                        f"{b:.2f}")
+    assert capsys.readouterr().out.splitlines() == expected
+    grid = np.asarray(Image.open(tmp_path / "g.png"))
+    assert grid.shape == (2 + 2 * 34, 2 + 8 * 34, 3)  # 10 images in rows of 8, 2-pixel gaps
+    np.testing.assert_array_equal(grid[2:34, 36:68], TRAIN[1])
+    np.testing.assert_array_equal(grid[36:68, 2:34], TRAIN[8])
+
+
+def test_cli_folder_default_size_and_jpeg(tmp_path, capsys):
+    for k in range(10):
+        save_png(str(tmp_path / "imgs" / f"{k}.png"), np.full((8, 8, 3), 10 * k, np.uint8))
+    argv = ["--dataset", "folder", "--data-dir", str(tmp_path / "imgs"), "--jpeg", "50"]
+    assert data.main(argv) == 0
+    out, err = capsys.readouterr()
+    assert "image size 8 (every image is 8x8)" in err
+    assert out.splitlines()[1] == "test        1 images  8x8x3  mean R,G,B 90.00 90.00 90.00"
+    assert any(f.endswith("test_8_bilinear_jpeg50.npy") for f in files_under(tmp_path / "cache"))
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--dataset", "celeba"], "error: CelebA not found"),
+    (["--dataset", "folder", "--data-dir", "{tmp}/f.png"], "error: image folder .*f.png is a file"),
+    (["--dataset", "cifar10", "--img-size", "0"], "error: image size must be positive, got 0"),
+    (["--dataset", "cifar10", "--preview", "g.jpg"],
+     r"error: g\.jpg: image grids are written as PNG \(lossless\); name the file \.png"),
+])
+def test_cli_expected_failure_is_one_line_without_traceback(tmp_path, capsys, argv, message):
+    (tmp_path / "f.png").write_bytes(b"")
+    argv = [a.format(tmp=tmp_path) for a in argv]
+    assert data.main(["--data-dir", str(tmp_path)] + argv) == 1  # the last --data-dir counts
+    err = capsys.readouterr().err
+    assert re.match(message, err) and err.count("\n") == 1
+    assert files_under(tmp_path) == ["f.png"]  # nothing decoded, downloaded or written first
+
+
+def test_save_grid_refuses_a_name_of_another_format(tmp_path):
+    with pytest.raises(data.DataError, match="name the file .png"):
+        data.save_grid(IMAGES, tmp_path / "g.jpg")
+    assert files_under(tmp_path) == []
+
+
+# =============================================================================================
+# fid.py: Inception v3, Frechet distance, command line
+# =============================================================================================
+TESTDATA = pathlib.Path(fid.__file__).resolve().parent / "testdata"
+# torchvision's Inception3(aux_logits=True) state-dict names and shapes, dumped with torchvision
+MANIFEST = json.loads((TESTDATA / "inception_manifest.json").read_text())
+EPS = np.finfo(np.float64).eps
+
+
+def spd(rng, d, n=None):
+    """A covariance: from n samples (singular when n <= d), else well conditioned."""
+    x = rng.standard_normal((n or 3 * d, d)) @ rng.standard_normal((d, d))
+    return np.cov(x, rowvar=False)
+
+
+def root_tol(d, lmax):
+    """Bound on the error of a computed tr sqrtm(s1 s2), d x d, largest eigenvalue <= lmax: a
+    backward-stable eigensolver moves each eigenvalue by ~eps * lmax at most (Weyl), which moves
+    its root by at most sqrt(eps * lmax) (the worst case: an eigenvalue at 0, as the N < d
+    round-off ones are). It follows from the conditioning, not from one machine's round-off."""
+    return d * np.sqrt(EPS * lmax)
+
+
+def lmax(s1, s2):  # |s1 s2|_2 <= |s1|_2 |s2|_2
+    return np.linalg.eigvalsh(s1)[-1] * np.linalg.eigvalsh(s2)[-1]
+
+
+# ---------------------------------------------------------------- Frechet distance
+
+def _closed_form_cases():
+    rng = np.random.default_rng(0)
+    d = 64
+    mu1, mu2, s = rng.standard_normal(d), rng.standard_normal(d), spd(rng, d)
+    a, b = rng.random(d) + 0.1, rng.random(d) + 0.1
+    singular = spd(rng, d, n=10)  # N < dimension: rank 9, 55 eigenvalues at round-off
+    dmu2 = np.sum((mu1 - mu2) ** 2)
+    return {  # (mu1, sigma1, mu2, sigma2, expected FID)
+        "equal covariances: squared mean distance": (mu1, s, mu2, s, dmu2),
+        "diagonal covariances": (mu1, np.diag(a), mu2, np.diag(b),
+                                 np.sum((np.sqrt(a) - np.sqrt(b)) ** 2) + dmu2),
+        "FID(A, A) = 0": (mu1, s, mu1, s, 0.0),
+        "equal singular covariances": (mu1, singular, mu2, singular, dmu2),
+    }
+
+
+@pytest.mark.parametrize("case", list(_closed_form_cases()))
+def test_frechet_distance_closed_forms(case):
+    mu1, s1, mu2, s2, expected = _closed_form_cases()[case]
+    tol = 2 * root_tol(len(s1), lmax(s1, s2))  # the FID holds -2 tr sqrtm(s1 s2)
+    assert fid.frechet_distance(mu1, s1, mu2, s2) == pytest.approx(expected, rel=0, abs=tol)
+
+
+@pytest.mark.parametrize("n", [10, 200])  # singular (N < dimension) and full rank
+def test_frechet_distance_matches_sqrtm_and_is_symmetric(n):
+    """pytorch-fid's route (scipy's sqrtm of s1 s2) where it is valid. Two computations, each
+    within 2 root_tol of the true FID, differ by 4 root_tol at most: 3.6e-3 at n=10, where the
+    old eigvals route gave FID(a, b) - FID(b, a) = 1.5e-5 on AMD EPYC (and failed rel=1e-10)."""
+    rng = np.random.default_rng(n)
+    mu1, mu2, s1, s2 = rng.standard_normal(64), rng.standard_normal(64), spd(rng, 64, n), spd(
+        rng, 64, n)
+    expected = np.sum((mu1 - mu2) ** 2) + np.trace(s1) + np.trace(s2) - 2 * np.trace(
+        scipy.linalg.sqrtm(s1 @ s2)).real
+    got = fid.frechet_distance(mu1, s1, mu2, s2)
+    tol = 4 * root_tol(64, lmax(s1, s2))
+    assert np.isfinite(got) and got == pytest.approx(expected, rel=0, abs=tol)
+    assert fid.frechet_distance(mu2, s2, mu1, s1) == pytest.approx(got, rel=0, abs=tol)
+
+
+def test_frechet_distance_of_rank_deficient_inception_like_statistics():
+    """300 images per side, 2048 non-negative features whose scales spread log-uniformly over
+    1e-2..3e3, like Inception pool features. pytorch-fid 0.3.0 (scipy 1.17.1) refuses exactly
+    this input ("Imaginary component 0.142"), so the reference is a closed form: for the
+    covariances a^T a / (n-1), b^T b / (n-1) of centred features a, b, the nonzero eigenvalues
+    of s1 s2 are the squared singular values of a b^T / (n-1), so tr sqrtm(s1 s2) is the sum of
+    those singular values: a 300 x 300 SVD, with no rank-deficient matrix and no round-off
+    eigenvalues at all. The tolerance is fid.py's own (2 root_tol, ~356 here, on a FID of 1e8)."""
+    rng = np.random.default_rng(0)
+    scale = np.exp(rng.uniform(np.log(1e-2), np.log(3e3), 2048))
+    x, y = (np.abs(rng.standard_normal((300, 2048))) * scale for _ in range(2))
+    a, b = x - x.mean(0), y - y.mean(0)
+    tr_covmean = np.linalg.svd(a @ b.T, compute_uv=False).sum() / 299
+    expected = (np.sum((x.mean(0) - y.mean(0)) ** 2) + np.sum(a ** 2) / 299 + np.sum(b ** 2) / 299
+                - 2 * tr_covmean)
+    largest = np.linalg.norm(a, 2) ** 2 * np.linalg.norm(b, 2) ** 2 / 299 ** 2
+    got = fid.frechet_distance(x.mean(0), np.cov(x, rowvar=False), y.mean(0),
+                               np.cov(y, rowvar=False))
+    assert np.isfinite(got) and got == pytest.approx(expected, rel=0,
+                                                     abs=2 * root_tol(2048, largest))
+
+
+def test_round_off_below_zero_is_clipped():
+    """An eigenvalue -1e-9 of the largest (float32-stored statistics reach ~1e-9) is round-off:
+    its root counts as 0. By hand: tr s1 = 4 - 1e-9, tr s2 = 2, tr sqrtm(s1 s2) = sqrt(4) + 0."""
+    got = fid.frechet_distance(np.zeros(2), np.diag([4.0, -4e-9]), np.zeros(2), np.eye(2))
+    assert got == pytest.approx(4 - 4e-9 + 2 - 2 * 2, rel=0, abs=2 * root_tol(2, 4.0))
+
+
+@pytest.mark.parametrize("stats, message", [
+    ((np.full(4, np.nan), np.eye(4), np.zeros(4), np.eye(4)), "NaN"),
+    ((np.zeros(4), -np.eye(4), np.zeros(4), np.eye(4)), "sigma1 has the eigenvalue -1 .*no cov"),
+    ((np.zeros(2), np.eye(2), np.zeros(2), np.diag([1, -1e-3])), "sigma2 has the eigenvalue -0.0"),
+    ((np.zeros(2), np.eye(2), np.zeros(2), np.array([[1, 0.5], [0, 1]])), "sigma2 is not symm"),
+    ((np.zeros(4), np.eye(4), np.zeros(3), np.eye(3)), "do not match"),
+])
+def test_frechet_distance_refuses_bad_statistics(stats, message):
+    with pytest.raises(DataError, match=message):
+        fid.frechet_distance(*stats)
+
+
+# ---------------------------------------------------------------- the network and its weights
+
+REFERENCE = np.load(TESTDATA / "inception_features.npz")
+META = json.loads(str(REFERENCE["meta"]))
+
+
+def meta_inception(variant="torchvision"):
+    with torch.device("meta"):  # names and shapes without the random initialisation
+        return fid.InceptionV3(variant)
+
+
+def fixture_state(seed):
+    """The weights of testdata/inception_features.npz: see test_features_match_torchvision_..."""
+    shapes = {k: v.shape for k, v in meta_inception().state_dict().items()
+              if not k.endswith("_tracked")}
+    rng, state = np.random.default_rng(seed), {}
+    for k in sorted(shapes):
+        shape = tuple(shapes[k])
+        if k.endswith(".conv.weight"):  # He-normal: std sqrt(2 / fan_in), features stay O(1)
+            v = rng.standard_normal(shape) * np.sqrt(2 / np.prod(shape[1:]))
+        elif k.endswith((".bn.weight", ".bn.running_var")):
+            v = rng.uniform(0.5, 1.5, shape)
+        else:
+            assert k.endswith((".bn.bias", ".bn.running_mean")), k
+            v = rng.normal(0, 0.1, shape)
+        state[k] = torch.from_numpy(v.astype(np.float32))
+    return state
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory):
+    """The fixture's weights as a torchvision-style file, with the manifest's classifier heads
+    (1000 classes) that loading must ignore."""
+    path = tmp_path_factory.mktemp("weights") / "random_inception.pth"
+    heads = {k: torch.randn(shape) for k, shape in MANIFEST.items() if k.startswith(fid.IGNORED)}
+    state = {**fixture_state(META["seed"]), **heads}
+    torch.save(state, path)
+    return path, state
+
+
+@pytest.fixture(scope="module")
+def model(weights):
+    return fid.load_inception("torchvision", weights_path=weights[0], device="cpu")
+
+
+@pytest.mark.parametrize("variant", ["torchvision", "tf"])
+def test_features_match_torchvision_and_pytorch_fid(weights, variant):
+    """Pool features of 3 random 32x32 images under fixed random weights, against torchvision's
+    Inception3 and pytorch-fid's FID Inception (testdata/inception_features.npz, 4.8 KB).
+
+    How the fixture was made (outside the repository, script /work/fixture_gen/
+    make_inception_fixture.py): python3 -m venv /work/tvenv; /work/tvenv/bin/pip install
+    torch==2.14.1 torchvision==0.29.1 scipy pillow; pip install --no-deps pytorch-fid (0.3.0;
+    numpy 2.4.6). Weights: fixture_state(seed 20200) above, i.e. for each key of torchvision's
+    Inception3 without fc and num_batches_tracked, in sorted order, drawn in float64 from one
+    numpy.random.default_rng(20200) and cast to float32: conv weights normal(0, sqrt(2 /
+    fan_in)), bn weight and running_var uniform(0.5, 1.5), bn bias and running_mean normal(0,
+    0.1). Images: default_rng(7).integers(0, 256, (3, 32, 32, 3), uint8), as float NCHW / 255.
+    torchvision: Inception3(aux_logits=False, init_weights=False, transform_input=False) with
+    those weights, run through pytorch-fid's InceptionV3([3], resize_input=True,
+    normalize_input=True, use_fid_inception=False) (its _inception_v3 swapped for that model), so
+    pytorch-fid's own bilinear resize to 299 (align_corners=False) and 2x - 1 apply; torchvision's
+    forward (pool output hooked) on the same preprocessing gave identical features. tf:
+    pytorch-fid's InceptionV3([3], resize_input=True, normalize_input=True) with its weight
+    download replaced by the same weights (plus a zero 1008-way fc). Kept: features 0, 16, ...,
+    2032 of each image (float32), and the sum and norm of all 2048 (float64).
+
+    Tolerance: float32 accumulation. Each convolution sums K <= 4032 products (3x3x448), rounding
+    at 2^-24 each: ~sqrt(K) 2^-24 ~ 4e-6 relative per layer, over ~20 layers on the longest path
+    ~1e-4 of the feature scale at worst; we allow 1e-4 x rms(features). Measured here (torch 2.13
+    CPU, 1 and 2 threads; our net folds batch norm and runs channels-last): at most 3.5e-6 x rms.
+    One-line changes fail it by far more: input in [0, 1] instead of [-1, 1], a TF pool patch
+    removed or swapped, align_corners=True or another resize mode."""
+    assert META["seed"] == 20200 and META["image_seed"] == 7
+    net = meta_inception(variant).to_empty(device="cpu")
+    fid.load_weights(net, {k: v for k, v in weights[1].items() if not k.startswith(fid.IGNORED)},
+                     variant)
+    images = np.random.default_rng(7).integers(0, 256, (3, 32, 32, 3), dtype=np.uint8)
+    x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255
+    with torch.no_grad():
+        got = net.eval()(x).double().numpy()
+    norm = REFERENCE[f"{variant}_norm"]
+    tol = 1e-4 * norm / np.sqrt(2048)  # 1e-4 x rms per feature, for each image
+    want = REFERENCE[f"{variant}_features"].astype(np.float64)
+    assert np.all(np.abs(got[:, REFERENCE["dims"]] - want) <= tol[:, None])
+    assert np.all(np.abs(np.linalg.norm(got, axis=1) - norm) <= tol * np.sqrt(2048))
+    assert np.all(np.abs(got.sum(1) - REFERENCE[f"{variant}_sum"]) <= tol * 2048)
+
+
+def test_state_dict_matches_torchvision_manifest():
+    want = {k: s for k, s in MANIFEST.items() if not k.startswith(("AuxLogits.", "fc."))}
+    assert len(want) == len(MANIFEST) - 16
+    for variant in ("torchvision", "tf"):
+        got = {k: list(v.shape) for k, v in meta_inception(variant).state_dict().items()}
+        assert got == want
+
+
+@pytest.mark.parametrize("variant,classes", [("torchvision", 1000), ("tf", 1008)])
+def test_weights_file_with_classifier_heads_loads(weights, tmp_path, variant, classes):
+    state = {**weights[1], "fc.weight": torch.zeros(classes, 2048),
+             "fc.bias": torch.zeros(classes)}
+    torch.save(state, tmp_path / "w.pth")
+    loaded = fid.load_inception(variant, weights_path=tmp_path / "w.pth", device="cpu").state_dict()
+    assert all(torch.equal(loaded[k], state[k]) for k in loaded if not k.endswith("_tracked"))
+    assert all(loaded[k].item() == 0 for k in loaded if k.endswith("_tracked"))
+    other = "tf" if variant == "torchvision" else "torchvision"  # the file under the wrong flag
+    with pytest.raises(DataError, match=f"fc has {classes} classes"):
+        fid.load_inception(other, weights_path=tmp_path / "w.pth", device="cpu")
+
+
+@pytest.mark.parametrize("damage", ["missing", "wrong shape"])
+def test_weights_file_refused(weights, tmp_path, damage):
+    state = dict(weights[1])
+    key = "Mixed_6b.branch7x7_2.conv.weight"
+    if damage == "missing":
+        del state[key]
+        expect = re.escape(f"(1 problem: missing {key})")
+    else:
+        state[key] = torch.zeros(128, 128, 7, 1)
+        expect = re.escape(f"(1 problem: {key} has shape (128, 128, 7, 1), expected "
+                           "(128, 128, 1, 7))")
+    torch.save(state, tmp_path / "w.pth")
+    with pytest.raises(DataError, match=expect):
+        fid.load_inception("torchvision", weights_path=tmp_path / "w.pth", device="cpu")
+
+
+def test_no_network_and_no_path_names_url_and_option(monkeypatch):
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("no network")
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", offline)
+    with pytest.raises(DataError, match=re.escape(fid.URLS["tf"]) + ".*--inception-weights"):
+        fid.load_inception("tf")
+
+
+@pytest.mark.parametrize("pool, expected", [  # corner of a 3x3 pool over a 2x2 image, by hand
+    (fid.avg_pool, (1 + 2 + 3 + 4) / 9),   # torchvision counts the 5 padding zeros
+    (fid.tf_avg_pool, (1 + 2 + 3 + 4) / 4),  # TF does not (differences 1-3)
+    (fid.tf_max_pool, 4.0),                # Mixed_7c max-pools (difference 4)
+])
+def test_pool_branches(pool, expected):
+    out = pool(torch.tensor([[[[1.0, 2.0], [3.0, 4.0]]]]))[0, 0, 0, 0].item()
+    assert out == pytest.approx(expected)
+
+
+def test_tf_variant_uses_the_four_patched_pools():
+    m = meta_inception("tf")
+    pools = [m.Mixed_5b.pool, m.Mixed_5d.pool, m.Mixed_6b.pool, m.Mixed_6e.pool, m.Mixed_7b.pool,
+             m.Mixed_7c.pool]
+    assert pools == [fid.tf_avg_pool] * 5 + [fid.tf_max_pool]
+
+
+# ---------------------------------------------------------------- features and statistics
+
+def images(n, size=8, seed=0):
+    return np.random.default_rng(seed).integers(0, 256, (n, size, size, 3), dtype=np.uint8)
+
+
+class Pixels(nn.Module):
+    """Stand-in for the network: its features are the first 6 input values (+ offset), float32."""
+
+    def __init__(self, offset=0.0):
+        super().__init__()
+        self.offset = nn.Parameter(torch.tensor(offset))  # also tells feature_stats the device
+
+    def forward(self, x):
+        return x.flatten(1)[:, :6] + self.offset
+
+
+def pixel_features(u8_nchw, offset=0.0):
+    """Pixels' features by hand, in numpy: the same float32 operations, then float64."""
+    f = u8_nchw.reshape(len(u8_nchw), -1)[:, :6].astype(np.float32) / np.float32(255)
+    return (f + np.float32(offset)).astype(np.float64)
+
+
+def test_statistics_are_float64_mean_over_images_and_covariance_over_n_minus_1():
+    """Features near 1000 with a spread of ~0.3: float32 arithmetic would be off by ~6e-5 in the
+    mean; float64's round-off is ~1e-13. Batches of 3, 3, 1: a mean of batch means would differ."""
+    x = images(7, size=4, seed=3)
+    mu, sigma = fid.feature_stats(Pixels(1000.0), x, batch_size=3)
+    f = pixel_features(x.transpose(0, 3, 1, 2), 1000.0)
+    c = f - f.sum(0) / 7
+    assert mu.dtype == sigma.dtype == np.float64
+    assert mu == pytest.approx(f.sum(0) / 7, rel=0, abs=1e-9)
+    assert sigma == pytest.approx(c.T @ c / 6, rel=0, abs=1e-12)  # N - 1 (np.cov), entries ~0.08
+
+
+def test_float_images_are_quantised_to_nearest_uint8_like_files(capsys):
+    """(x * 255) rounded to nearest and clipped to 0..255, as 8-bit image files store them."""
+    x = torch.zeros(4, 3, 1, 6)
+    x[:, 0, 0] = torch.tensor([[-0.01, 0.3 / 255, 0.7 / 255, 254.6 / 255, 1.01, 0.5],
+                               [0.2, 1.4 / 255, 99.5001 / 255, 253.2 / 255, 1.0, 0.0],
+                               [0.9, 0.6 / 255, 30.7 / 255, 254.4 / 255, 0.1, 0.25],
+                               [0.4, 2.51 / 255, 12.49 / 255, 200.8 / 255, 0.75, 1.2]])
+    mu, sigma = fid.feature_stats(Pixels(), x, batch_size=2)
+    q = np.clip(np.rint(x.numpy() * np.float32(255)), 0, 255).astype(np.uint8)
+    f = pixel_features(q)
+    assert mu == pytest.approx(f.mean(0), rel=0, abs=1e-12)
+    assert sigma == pytest.approx(np.cov(f, rowvar=False), rel=0, abs=1e-12)
+    assert "4 images < 6 features, so the covariance is singular" in capsys.readouterr().err
+
+
+def test_progress_counts_images_with_the_total(capsys):
+    x = images(5, size=4)
+    direct = fid.feature_stats(Pixels(), x, batch_size=2, desc="FID real")
+    assert "FID real 5/5 images" in capsys.readouterr().err
+    streamed = fid.feature_stats(Pixels(), (x[i:i + 2] for i in range(0, 5, 2)), desc="gen",
+                                 total=5)
+    assert "gen 5/5 images" in capsys.readouterr().err
+    assert all(np.array_equal(a, b) for a, b in zip(direct, streamed))  # a generator is accepted
+
+
+@pytest.mark.parametrize("bad, message", [
+    (images(1), "at least 2"),
+    (torch.full((2, 3, 8, 8), float("nan")), "NaN"),
+    (images(2).astype(np.float32), "uint8"),
+])
+def test_feature_stats_refuses_bad_input(bad, message):
+    with pytest.raises(DataError, match=message):
+        fid.feature_stats(Pixels(), bad)
+
+
+@pytest.mark.parametrize("before", [True, False])
+def test_exact_fp32_turns_tf32_off_and_restores(before):
+    flags = torch.backends.cudnn, torch.backends.cuda.matmul
+    saved = [f.allow_tf32 for f in flags]
+    try:
+        for f in flags:
+            f.allow_tf32 = before
+        with fid.exact_fp32():
+            assert [f.allow_tf32 for f in flags] == [False, False]
+        assert [f.allow_tf32 for f in flags] == [before, before]
+    finally:
+        for f, value in zip(flags, saved):
+            f.allow_tf32 = value
+
+
+# ---------------------------------------------------------------- statistics files and the cache
+
+ID_A, ID_B = "tf-0123456789abcdef", "tf-fedcba9876543210"
+
+
+def test_stats_cache_hit_miss_and_record(tmp_path):
+    calls = []
+
+    def compute():
+        calls.append(1)
+        return np.arange(3.0), np.eye(3)
+
+    path = tmp_path / fid.stats_cache_name("cifar10", "test", 32, 10000, ID_A)
+    assert path.name == f"fid_stats_cifar10_test_32px_n10000_{ID_A}.npz"
+    first = fid.cached_stats(path, compute, ID_A)  # miss: computed and saved
+    second = fid.cached_stats(path, compute, ID_A)  # hit: read back
+    assert len(calls) == 1 and all(np.array_equal(a, b) for a, b in zip(first, second))
+    with np.load(path) as f:  # the record of the network, beside mu and sigma
+        assert (str(f["inception"]), str(f["weights"])) == ("tf", "0123456789abcdef")
+        assert np.array_equal(f["mu"], np.arange(3.0)) and np.array_equal(f["sigma"], np.eye(3))
+    with pytest.raises(DataError, match=f"from Inception {ID_A} but this network from {ID_B}"):
+        fid.cached_stats(path, compute, ID_B)  # a stale file under this name: refused
+    assert len(calls) == 1
+
+
+def expected_id(variant, state):
+    """fid.network_id by hand: SHA-256 over (name, float32 bytes) of the feature weights in sorted
+    name order, first 16 hex digits."""
+    h = hashlib.sha256()
+    for k in sorted(k for k in state if not k.startswith(fid.IGNORED)):
+        h.update(k.encode() + state[k].numpy().astype(np.float32).tobytes())
+    return f"{variant}-{h.hexdigest()[:16]}"
+
+
+def test_new_weights_under_the_same_file_name_get_new_statistics(weights, tmp_path):
+    path, ids, calls = tmp_path / "inception.pth", [], []
+    shutil.copy(weights[0], path)
+    for new in (False, True):
+        if new:  # other weights, saved under the same file name
+            key = "Mixed_7c.branch_pool.bn.bias"
+            torch.save({**weights[1], key: weights[1][key] + 1e-3}, path)
+        net = fid.load_inception("torchvision", path, "cpu")
+        state = torch.load(path, weights_only=True)
+        assert net.weights_id == expected_id("torchvision", state)
+        ids.append(net.weights_id)
+        name = fid.stats_cache_name("cifar10", "test", 32, 10, net.weights_id)
+        fid.cached_stats(tmp_path / name, lambda: calls.append(1) or (np.zeros(2), np.eye(2)),
+                         net.weights_id)
+    assert ids[0] != ids[1] and len(calls) == 2  # a miss for the new weights, not stale stats
+
+
+# ---------------------------------------------------------------- command line
+
+def write_folder(path, x):
+    path.mkdir()
+    for i, img in enumerate(x):
+        Image.fromarray(img).save(path / f"{i:02d}.png")
+    return str(path)
+
+
+def test_cli_matches_direct_statistics(model, weights, tmp_path, monkeypatch, capsys):
+    a, b = images(3, seed=1), images(3, size=12, seed=2)
+    np.save(tmp_path / "a.npy", a)
+    folder = write_folder(tmp_path / "b", b)
+    common = ["--inception-weights", str(weights[0]), "--device", "cpu", "--batch-size", "2"]
+    stats_a = str(tmp_path / "a_stats.npz")
+    assert fid.main([str(tmp_path / "a.npy"), "--save-stats", stats_a, *common]) == 0
+    assert fid.load_stats(stats_a)[2] == model.weights_id
+    recorded = []  # what the command line computes with (the distance itself is tested above)
+    monkeypatch.setattr(fid, "frechet_distance", lambda *stats: recorded.append(stats) or 12.5)
+    capsys.readouterr()
+    assert fid.main([stats_a, folder, *common]) == 0
+    direct = fid.feature_stats(model, a, batch_size=2) + fid.feature_stats(model, b, batch_size=2)
+    assert len(recorded) == 1 and all(np.allclose(got, want, rtol=1e-6, atol=1e-9)
+                                      for got, want in zip(recorded[0], direct))
+    out, err = capsys.readouterr()
+    assert out == "12.500000\n" and f"{folder} 3/3 images" in err
+
+
+def test_cli_refuses_statistics_of_different_networks(weights, model, tmp_path, capsys):
+    a, b, old = (str(tmp_path / f"{n}.npz") for n in ("a", "b", "old"))
+    fid.save_stats(a, np.zeros(2), np.eye(2), ID_A)
+    fid.save_stats(b, np.zeros(2), np.eye(2), ID_B)
+    assert fid.main([a, b]) == 1
+    assert re.search(f"^error: {a} comes from Inception {ID_A} but {b} from {ID_B}: .*Recompute",
+                     capsys.readouterr().err, re.M)
+    np.save(tmp_path / "x.npy", images(3))  # images through another network than a's
+    assert fid.main([a, str(tmp_path / "x.npy"), "--inception-weights", str(weights[0]),
+                     "--device", "cpu"]) == 1
+    assert f"but {tmp_path / 'x.npy'} from {model.weights_id}" in capsys.readouterr().err
+    # statistics without a record (pytorch-fid's): accepted with a warning. By hand:
+    # |(1, 0)|^2 + (4 + 1) + 2 - 2 (sqrt(4) + sqrt(1)) = 2
+    np.savez(old, mu=np.array([1.0, 0.0]), sigma=np.diag([4.0, 1.0]))
+    assert fid.main([old, a]) == 0
+    out, err = capsys.readouterr()
+    assert out == "2.000000\n" and f"warning: {old} does not record which Inception" in err
+
+
+def unreadable_image(p):
+    folder = write_folder(p / "images", images(2))
+    (p / "images" / "03.png").write_bytes(b"not a png")
+    return folder
+
+
+def junk_npy(p):
+    (p / "junk.npy").write_bytes(b"junk")
+    return str(p / "junk.npy")
+
+
+@pytest.mark.parametrize("setup, message", [
+    (lambda p: write_folder(p / "one", images(1)), "at least 2"),
+    (lambda p: write_folder(p / "empty", images(0)), "no images found"),
+    (unreadable_image, "cannot read image .*03.png"),
+    (junk_npy, "cannot read .*junk.npy"),
+    (lambda p: str(p / "missing.npz"), "missing.npz does not exist"),
+])
+def test_cli_errors(weights, tmp_path, capsys, setup, message):
+    source = setup(tmp_path)
+    code = fid.main([source, "--save-stats", str(tmp_path / "s.npz"), "--inception-weights",
+                     str(weights[0]), "--device", "cpu"])
+    assert code == 1 and re.search(f"^error: .*{message}", capsys.readouterr().err, re.M)
+
+
+def test_bench_rate_is_images_over_seconds_per_batch(monkeypatch, capsys):
+    """The timing itself is data.seconds_per_call's (its own tests); here: 2 images per 0.25 s
+    batch must print 8.0 images/s, after 1 warm-up and 5 timed calls."""
+    calls = []
+
+    def quarter_second(fn, n, device):
+        fn()
+        calls.append(n)
+        return 0.25
+
+    monkeypatch.setattr(fid, "seconds_per_call", quarter_second)
+    assert fid.main(["--bench", "--batch-size", "2", "--img-size", "8", "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("device: cpu, ") and calls == [1, 5]
+    assert "8.0 images/s (batch 2, 8x8 resized to 299x299, 1 warm-up + 5 timed batches)" in out
+
+
+# =============================================================================================
+# speed: the fast paths compute what the plain one does; --bench
+# =============================================================================================
 @pytest.mark.parametrize("variant", ["channels_last", "compile"])
 def test_fast_step_equals_plain_step(variant):
     """The speed settings must not change what is computed: four training steps of the same

@@ -698,16 +698,19 @@ def evaluate(args):
         gen2 = decode_all(m1, z)
     res = dict(rec_fid=None, gen1_fid=None, gen2_fid=None, mse=sse.item() / test.size,
                **stats, n=len(test), inception=None if args.no_fid else args.inception,
+               inception_weights=None,
                latent_norm=args.latent_norm, epochs=ck["epoch"],
                epochs2=ck2["epoch"] if ck2 else None)
     if not args.no_fid:
         import fid
         net = fid.load_inception(args.inception, args.inception_weights, dev)
+        res["inception_weights"] = net.weights_id  # FIDs compare only under the same weights
         key = fid.stats_cache_name(cfg["dataset"], f"test-{cfg['resize']}", cfg["img_size"],
                                    len(test), net.weights_id)
         # cached beside the split's own cache (never inside a user's image folder)
         real = fid.cached_stats(os.path.join(os.path.dirname(split.filename), key),
-                                lambda: fid.feature_stats(net, test, desc="FID real"))
+                                lambda: fid.feature_stats(net, test, desc="FID real"),
+                                net.weights_id)
         for name, imgs in (("rec_fid", recon), ("gen1_fid", gen1), ("gen2_fid", gen2)):
             if imgs is not None:
                 fake = fid.feature_stats(net, imgs, desc=f"FID {name[:-4]}")
