@@ -656,27 +656,36 @@ def test_stage2_belongs_to_its_stage1(tiny, capsys):
         assert "train stage 2 afresh" in err
 
 
-def test_eval_with_fid_on_random_weights(tiny, tmp_path, capsys):
-    """Smoke test of --eval's FID path on random Inception weights: it runs, caches the real
-    statistics beside the split's cache, and reports finite FIDs (their values are checked in
-    the FID tests)."""
-    import fid
+def test_eval_scores_each_set_against_the_test_images(tiny, tmp_path):
+    """--eval's FIDs on random Inception weights: REC scores the reconstructions, GEN-1 the
+    decoder's samples, GEN-2 the two-stage samples, each against the statistics of the first
+    n test images, which are cached beside the split's cache with the weights that made them.
+    With n = 4 every image of each set is in its grid, so the sets are read back from there."""
     run, out = tiny
     weights = tmp_path / "inception.pth"
     torch.manual_seed(0)
     torch.save(fid.InceptionV3().state_dict(), weights)
     run("--epochs", "1")
+    run("--stage", "2", "--epochs", "1")
     run("--eval", "--n-eval", "4", "--inception-weights", str(weights))
     res = json.load(open(os.path.join(out, "eval.json")))
-    cached = list((tmp_path / "cache").rglob("fid_stats_*.npz"))
-    assert len(cached) == 1
+    (cached,) = (tmp_path / "cache").rglob("fid_stats_*.npz")
     net = fid.load_inception("torchvision", str(weights), "cpu")
-    test = data.load_split("folder", "test", str(tmp_path / "images"), 16)
-    mu, sigma, weights_id = fid.load_stats(cached[0])
-    np.testing.assert_allclose(mu, fid.feature_stats(net, test[:4])[0], rtol=1e-5, atol=1e-6)
+    test = data.load_split("folder", "test", str(tmp_path / "images"), 16)[:4]
+    real = fid.feature_stats(net, test)
+    mu, sigma, weights_id = fid.load_stats(cached)
+    np.testing.assert_allclose(mu, real[0], rtol=1e-5, atol=1e-6)
     assert weights_id == res["inception_weights"] == net.weights_id
-    assert res["inception"] == "torchvision" and res["gen2_fid"] is None
-    assert all(np.isfinite(res[k]) for k in ("rec_fid", "gen1_fid"))
+    # the grid's rows alternate originals and reconstructions of 32 picks spread over the 4
+    pick = list(np.linspace(0, 3, 32).astype(int))
+    at = [(2 * (pick.index(k) // 8) + r) * 8 + pick.index(k) % 8 for k in range(4) for r in (0, 1)]
+    pairs = tiles(os.path.join(out, "eval_recon.png"), 64)[at]
+    assert np.array_equal(pairs[::2], test)
+    recon = pairs[1::2]
+    for key, imgs in (("rec_fid", recon), ("gen1_fid", tiles(os.path.join(out, "eval_gen1.png"), 4)),
+                      ("gen2_fid", tiles(os.path.join(out, "eval_gen2.png"), 4))):
+        want = fid.frechet_distance(*real, *fid.feature_stats(net, imgs))
+        assert res[key] == pytest.approx(want, rel=1e-6), key
 
 
 def _save(path, array):
