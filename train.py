@@ -78,21 +78,28 @@ def paper_defaults(dataset, side, stage):
         second_depth=3)
 
 
+class Help(argparse.ArgumentDefaultsHelpFormatter):
+    """Defaults shown, except where they depend on the dataset (None): the help says them."""
+
+    def _get_help_string(self, action):
+        return action.help if action.default is None else super()._get_help_string(action)
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Two-stage VAE with computed gamma (Asperti & "
-                                "Trentin 2020).", formatter_class=argparse.RawTextHelpFormatter)
+                                "Trentin 2020).", formatter_class=Help)
     a = p.add_argument
     a("--dataset", default="cifar10", choices=data.DATASETS,
-      help="data set (default cifar10); folder: any image tree, see data.py")
+      help="data set; folder: any image tree, see data.py")
     a("--data-dir", default="data", help="where data sets and caches live, or the image tree "
-      "of --dataset folder (default ./data)")
-    a("--img-size", type=int, help="image side, a power of two: 32 for cifar10, 64 for celeba;\n"
+      "of --dataset folder")
+    a("--img-size", type=int, help="image side, a power of two: 32 for cifar10, 64 for celeba; "
       "for a folder, its images' size when all are square and equal, else 64")
     a("--resize", help="PIL filter for celeba/folder (paper Fig. 3; default bilinear)")
     a("--jpeg", type=int, metavar="Q", help="JPEG round trip at quality Q before use, as the "
-      "reference preprocessing\n(75); default lossless")
+      "reference preprocessing (75); default lossless")
     a("--stage", type=int, default=1, choices=(1, 2),
-      help="1: the image VAE; 2: the VAE on stage-1 latents (default 1)")
+      help="1: the image VAE; 2: the VAE on stage-1 latents")
     a("--eval", action="store_true", help="evaluate stage1.pt (and stage2.pt) in --out")
     a("--bench", action="store_true", help="time training steps on synthetic data, then exit")
     a("--out", help="output folder (default runs/<dataset>)")
@@ -120,11 +127,11 @@ def parse_args(argv=None):
     a("--seed", type=int, help="random seed (0)")
     a("--device", help="torch device: cuda if available, else cpu")
     a("--sample-every", type=int, default=50, help="write sample grids every N epochs and after "
-      "the last (50)")
+      "the last")
     a("--amp", default="none", choices=("none", "bf16"), help="bf16 autocast of the networks; "
-      "loss and gamma stay fp32 (none)")
+      "loss and gamma stay fp32")
     a("--compile", action=argparse.BooleanOptionalAction, help="torch.compile the networks "
-      "(CUDA graphs on CUDA);\ndefault on for stage 1 on CUDA, where it was measured, else off")
+      "(CUDA graphs on CUDA); default on for stage 1 on CUDA, where it was measured, else off")
     a("--n-eval", type=int, default=10000, help="--eval: test images and samples (paper: "
       "10,000)")
     a("--no-fid", action="store_true", help="--eval without Inception: mse and latent "
@@ -258,10 +265,12 @@ def data_identity(cfg, data_dir):
 
 def check_data(cfg, data_dir, source):
     """Refuse data other than the data the checkpoint was trained on."""
-    now = data_identity(cfg, data_dir)
-    if now != cfg["data_id"]:
-        raise DataError(f"{source} was trained on other data ({cfg['data_id']}) than --data-dir "
-                        f"{data_dir} holds now ({now}): point --data-dir at the run's data")
+    now, then = data_identity(cfg, data_dir), cfg["data_id"]
+    if now != then:
+        what = "; ".join(f"{k} {then.get(k)}, now {now.get(k)}" for k in sorted({*now, *then})
+                         if now.get(k) != then.get(k))
+        raise DataError(f"{source} was trained on other data than --data-dir {data_dir} holds "
+                        f"now ({what}): point --data-dir at the run's data")
 
 
 def check_pair(ck1, ck2, out):
