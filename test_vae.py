@@ -387,6 +387,28 @@ def test_stage2_trains_on_fresh_latents_each_epoch():
     assert not torch.allclose(noise[0][noise[0][:, 1].argsort()], noise[1][noise[1][:, 1].argsort()])
 
 
+def test_stage2_data_is_the_frozen_encoders_view_of_the_training_set(tiny, tmp_path,
+                                                                      monkeypatch):
+    """Stage 2 trains on mu(x), sigma(x) of every training image (the --limit subset) from the
+    stage-1 encoder in evaluation mode (batch norm on its moving averages), as Dai & Wipf."""
+    run, out = tiny
+    run("--epochs", "1", "--limit", "40")
+    seen = []
+    real = train.Latents.__init__
+    def spy(self, mu, logsd, *a):
+        seen.append((mu, logsd))
+        real(self, mu, logsd, *a)
+    monkeypatch.setattr(train.Latents, "__init__", spy)
+    run("--stage", "2", "--epochs", "1")
+    m1 = train.load_model(os.path.join(out, "stage1.pt"), 1, "cpu")[0].eval()
+    split = data.load_split("folder", "train", str(tmp_path / "images"), 16)
+    x = torch.from_numpy(np.array(data.subset(split, 40, 3))).permute(0, 3, 1, 2).float() / 255
+    with torch.no_grad():
+        mu, logsd = m1.encode(x)
+    torch.testing.assert_close(seen[0][0], mu, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(seen[0][1], logsd, rtol=1e-4, atol=1e-5)
+
+
 def test_stage2_trains_from_stage1_and_eval_writes_table(tiny, capsys):
     run, out = tiny
     run("--epochs", "2")
@@ -656,15 +678,13 @@ def test_stage2_belongs_to_its_stage1(tiny, capsys):
         assert "train stage 2 afresh" in err
 
 
-def test_eval_scores_each_set_against_the_test_images(tiny, tmp_path):
+def test_eval_scores_each_set_against_the_test_images(tiny, tmp_path, weights):
     """--eval's FIDs on random Inception weights: REC scores the reconstructions, GEN-1 the
     decoder's samples, GEN-2 the two-stage samples, each against the statistics of the first
     n test images, which are cached beside the split's cache with the weights that made them.
     With n = 4 every image of each set is in its grid, so the sets are read back from there."""
     run, out = tiny
-    weights = tmp_path / "inception.pth"
-    torch.manual_seed(0)
-    torch.save(fid.InceptionV3().state_dict(), weights)
+    weights = weights[0]  # He-initialised: features of O(1) that tell the sets apart
     run("--epochs", "1")
     run("--stage", "2", "--epochs", "1")
     run("--eval", "--n-eval", "4", "--inception-weights", str(weights))
@@ -686,6 +706,7 @@ def test_eval_scores_each_set_against_the_test_images(tiny, tmp_path):
                       ("gen2_fid", tiles(os.path.join(out, "eval_gen2.png"), 4))):
         want = fid.frechet_distance(*real, *fid.feature_stats(net, imgs))
         assert res[key] == pytest.approx(want, rel=1e-6), key
+    assert len({round(res[k], 3) for k in ("rec_fid", "gen1_fid", "gen2_fid")}) == 3
 
 
 def _save(path, array):
