@@ -689,7 +689,10 @@ def evaluate(args):
     check_data(cfg, args.data_dir, f"{out}/stage1.pt")
     split = data.load_split(cfg["dataset"], "test", args.data_dir, cfg["img_size"],
                             cfg["resize"], jpeg=cfg["jpeg"])
-    test = split[:args.n_eval]
+    # n test images drawn from the seed (all of them at n >= the split): a folder sorted by
+    # class, or CelebA's 19,962, of which the released code evaluates a random 10,000
+    n = min(args.n_eval, len(split))
+    test = data.subset(split, n, cfg["seed"]) if n < len(split) else split
     g = torch.Generator().manual_seed(cfg["seed"])
     recon, mus, logsds, sse = [], [], [], 0
     for x in data.Batches(test, 500, dev, shuffle=False, drop_last=False).epoch(0):
@@ -714,8 +717,9 @@ def evaluate(args):
         import fid
         net = fid.load_inception(args.inception, args.inception_weights, dev)
         res["inception_weights"] = net.weights_id  # FIDs compare only under the same weights
-        key = fid.stats_cache_name(cfg["dataset"], f"test-{cfg['resize']}", cfg["img_size"],
-                                   len(test), net.weights_id)
+        which = f"test-{cfg['resize']}" + (f"-jpeg{cfg['jpeg']}" if cfg["jpeg"] else "") + (
+            f"-seed{cfg['seed']}" if n < len(split) else "")
+        key = fid.stats_cache_name(cfg["dataset"], which, cfg["img_size"], n, net.weights_id)
         # cached beside the split's own cache (never inside a user's image folder)
         real = fid.cached_stats(os.path.join(os.path.dirname(split.filename), key),
                                 lambda: fid.feature_stats(net, test, desc="FID real"),
