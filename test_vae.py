@@ -1,7 +1,11 @@
-"""Tests for the whole project (pytest, CPU only, no network; every fixture is built in tmp_path).
+"""Tests for the whole project (pytest, CPU only, no network; fixtures are built in tmp_path or
+read from testdata/).
 
 Each test compares with an independent value: a hand computation, a closed form,
-torch.distributions, or files built with known contents. Run: python -m pytest -q"""
+torch.distributions, numpy/scipy, files built with known contents, or features computed by
+torchvision and pytorch-fid (testdata/inception_features.npz). Each behaviour that the paper,
+the released code or the evaluation protocol defines has a test that fails when it changes by
+one line. Run: python -m pytest -q"""
 import argparse
 import builtins
 import hashlib
@@ -45,7 +49,8 @@ def test_loss_equals_hand_computation():
     gamma, k = torch.tensor(0.5), 3.0
     loss, mse, kl = vae.vae_loss(x, x_hat, mu, logsd, gamma, k)
     # by hand: squared errors 0.04 + 0.16 = 0.2 and 0 + 0.25 = 0.25, D = 2 values per sample
-    gen = [s / (2 * 0.25) + 2 * math.log(0.5) + 2 * 0.5 * math.log(2 * math.pi) for s in (0.2, 0.25)]
+    gen = [s / (2 * 0.25) + 2 * math.log(0.5) + 2 * 0.5 * math.log(2 * math.pi)
+           for s in (0.2, 0.25)]
     kls = [0.0, 0.5 * (1 + 0.25 - math.log(0.25) - 1)]
     assert mse.item() == pytest.approx((0.2 + 0.25) / 4, abs=1e-7)
     assert kl.item() == pytest.approx(sum(kls) / 2, abs=1e-6)
@@ -108,15 +113,17 @@ def test_stage1_shapes(side, num_scale):
     x_hat, mu, logsd = m(x)
     assert x_hat.shape == x.shape and mu.shape == logsd.shape == (3, 8)
     assert 0 < x_hat.min() and x_hat.max() < 1  # sigmoid output
-    assert len(m.resample) == (num_scale - 1) + (int(math.log2(side)) - 1)  # down- and up-sampling convs
+    # the down- and up-sampling convolutions
+    assert len(m.resample) == (num_scale - 1) + (int(math.log2(side)) - 1)
 
 
 def test_stage1_matches_reference_layout():
-    # Dai & Wipf's decoder: for 32x32 with base 32 the decoder runs 512 (2x2) -> 256 -> 128 -> 64 -> 32 (32x32)
+    # Dai & Wipf's decoder: for 32x32 with base 32 it runs 512 (2x2) -> 256 -> 128 -> 64 -> 32
     m = vae.VAE(32)
     ups = [mod for mod in m.decoder.modules() if isinstance(mod, torch.nn.ConvTranspose2d)]
     assert m.fc0.out_features == 4 * 512 and [u.out_channels for u in ups] == [256, 128, 64, 32]
-    downs = [mod for mod in m.encoder.modules() if isinstance(mod, torch.nn.Conv2d) and mod.stride == (2, 2)]
+    downs = [mod for mod in m.encoder.modules()
+             if isinstance(mod, torch.nn.Conv2d) and mod.stride == (2, 2)]
     assert [d.out_channels for d in downs] == [64, 128]
     bn = next(mod for mod in m.modules() if isinstance(mod, torch.nn.BatchNorm2d))
     assert (bn.decay, bn.eps) == (0.999, 1e-5)  # TF's batch_norm
@@ -384,7 +391,8 @@ def test_stage2_trains_on_fresh_latents_each_epoch():
         assert sorted(order.tolist()) == list(range(20))
         assert (z - mu[order]).abs().max() < 0.06  # sigma 0.01
     noise = [z - mu[z[:, 0].round().long() // 2] for z in epochs]
-    assert not torch.allclose(noise[0][noise[0][:, 1].argsort()], noise[1][noise[1][:, 1].argsort()])
+    by_row = [e[e[:, 1].argsort()] for e in noise]
+    assert not torch.allclose(*by_row)
 
 
 def test_stage2_data_is_the_frozen_encoders_view_of_the_training_set(tiny, tmp_path,
@@ -705,8 +713,8 @@ def test_eval_scores_each_set_against_the_test_images(tiny, tmp_path, weights):
     pairs = tiles(os.path.join(out, "eval_recon.png"), 64)[at]
     assert np.array_equal(pairs[::2], test)
     recon = pairs[1::2]
-    for key, imgs in (("rec_fid", recon), ("gen1_fid", tiles(os.path.join(out, "eval_gen1.png"), 4)),
-                      ("gen2_fid", tiles(os.path.join(out, "eval_gen2.png"), 4))):
+    gen1, gen2 = (tiles(os.path.join(out, f"eval_gen{k}.png"), 4) for k in (1, 2))
+    for key, imgs in (("rec_fid", recon), ("gen1_fid", gen1), ("gen2_fid", gen2)):
         want = fid.frechet_distance(*real, *fid.feature_stats(net, imgs))
         assert res[key] == pytest.approx(want, rel=1e-6), key
     assert len({round(res[k], 3) for k in ("rec_fid", "gen1_fid", "gen2_fid")}) == 3
