@@ -251,11 +251,11 @@ def settle(args, stage, ck=None, ck1=None):
         if cfg["img_size"] is None:  # the paper's, or a folder's own size
             cfg["img_size"], cfg["img_size_why"] = data.choose_img_size(cfg["dataset"],
                                                                          args.data_dir)
-    for k, v in paper_defaults(cfg["dataset"], cfg["img_size"], stage).items():
-        if k in DATA + ARCH1 + ARCH2 + TRAINING and k not in cfg:
-            cfg[k] = v if getattr(args, k) is None else getattr(args, k)
-    if args.epochs is None:
-        args.epochs = paper_defaults(cfg["dataset"], cfg["img_size"], stage)["epochs"]
+    defaults = paper_defaults(cfg["dataset"], cfg["img_size"], stage)
+    epochs = defaults.pop("epochs")  # the stage's total, the one setting a resume may change
+    args.epochs = epochs if args.epochs is None else args.epochs
+    for k, v in defaults.items():
+        cfg.setdefault(k, v if getattr(args, k) is None else getattr(args, k))
     return cfg
 
 
@@ -398,8 +398,8 @@ def train(args):
         cfg["data_id"] = data_identity(cfg, args.data_dir)
     if ck or ck1:
         check_data(cfg, args.data_dir, f"{out}/stage1.pt" if ck1 else path)
-    if stage == 2:
-        check_pair(ck1, ck if ck else {"config": cfg}, out)
+    if stage == 2 and ck is not None:  # a new stage 2 has just recorded this stage 1
+        check_pair(ck1, ck, out)
     start, skip = (ck["epoch"], ck["step"]) if ck else (0, 0)
     if start >= args.epochs:
         raise DataError(f"{path} has trained {start} epochs already: pass a larger --epochs (the "

@@ -127,14 +127,15 @@ class BatchNorm(nn.BatchNorm2d):
 
         sum_i (1 - d) d^(t - i) stat_i / (1 - d^t),   decay d = 0.999,
 
-    the decay-weighted mean of the t batch statistics, its weights summing to 1. A plain moving
-    average starts at (0, 1) and after a few hundred steps is still mostly that start, which
-    turns every eval-mode picture of a short run grey. The recursion for the debiased value is a
-    moving average whose momentum (1 - d) / (1 - d^t) starts at 1 (the first batch's statistics)
-    and falls to 1 - d; it is computed on the device from num_batches_tracked."""
+    the decay-weighted mean of the t batch statistics, its weights summing to 1. (A plain moving
+    average starts at (0, 1) and after a few hundred steps is still mostly that start; the
+    debiased one, for t well below 1/(1 - d), is close to the mean over all steps so far, the
+    first ones included.) The recursion for the debiased value is a moving average whose
+    momentum (1 - d) / (1 - d^t) starts at 1 (the first batch's statistics) and falls to 1 - d;
+    it is computed on the device from num_batches_tracked."""
 
     def __init__(self, channels, decay=0.999):
-        super().__init__(channels, eps=1e-5)  # TF's epsilon 1e-5 (ops/nn.py batch_norm)
+        super().__init__(channels, eps=1e-5)  # the reference's epsilon
         self.decay = decay
         # this batch's statistics, written by F.batch_norm at momentum 1 (no extra pass)
         self.register_buffer("batch_mean", torch.zeros(channels), persistent=False)
@@ -147,9 +148,10 @@ class BatchNorm(nn.BatchNorm2d):
                          self.eps)
         with torch.no_grad():
             self.num_batches_tracked.add_(1)
-            momentum = (1 - self.decay) / (1 - self.decay ** self.num_batches_tracked.double())
-            self.running_mean.lerp_(self.batch_mean, momentum.float())
-            self.running_var.lerp_(self.batch_var, momentum.float())
+            t = self.num_batches_tracked.double()
+            momentum = ((1 - self.decay) / (1 - self.decay ** t)).float()
+            self.running_mean.lerp_(self.batch_mean, momentum)
+            self.running_var.lerp_(self.batch_var, momentum)
         return y
 
 
