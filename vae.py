@@ -14,18 +14,16 @@ What is here, with the paper's numbering:
   the paper's E[sigma^2] and by the released evaluation's E[sigma].
 
 Deviations from the paper and the reference code:
-- k (KL weight) = pixels / 1024, the paper's rule (section 4.2: 4x the pixels, 4x the KL). The
-  released code uses (2 * side / latent_dim)^2; the two agree for the paper's settings (64
-  latents) and differ for other latent sizes.
-- Stride-2 'same' convolutions: PyTorch pads (1, 1) where TF pads (0, 1); same output sizes,
-  a one-pixel shift of the sampling grid, immaterial for a network trained from scratch.
-- Batch norm's running variance: PyTorch updates it with the unbiased batch variance, TF with
-  the biased one; at 100 x H x W values per channel the factor n / (n - 1) is below 1.0001.
-- Two-stage samples decode z = f2(u) itself, as the authors' released code does; Dai & Wipf's
-  code samples z ~ N(f2(u), gamma_z^2 I). The paper does not say; its numbers come from the
-  former.
-- The decoder's first dense output is reshaped channels-first (C, 2, 2) instead of TF's
-  (2, 2, C): a fixed permutation of a freshly initialised layer, so the same model family.
+- k (KL weight) = pixels / 1024, the paper's rule (4.2: 4x the pixels, 4x the KL); the released
+  code's (2 * side / latent_dim)^2 agrees at the paper's 64 latents only.
+- Stride-2 'same' convolutions pad (1, 1) where TF pads (0, 1): same sizes, a one-pixel shift
+  of the sampling grid, immaterial for a network trained from scratch.
+- Batch norm's running variance uses the unbiased batch variance (TF: biased); at 100 x H x W
+  values per channel the factor n / (n - 1) is below 1.0001.
+- Two-stage samples decode z = f2(u) itself, as the authors' released code does (Dai & Wipf's
+  samples z ~ N(f2(u), gamma_z^2 I)); the paper does not say, its numbers come from the former.
+- The decoder's first dense output is reshaped (C, 2, 2), not TF's (2, 2, C): a fixed
+  permutation of a freshly initialised layer, so the same model family.
 """
 import math
 
@@ -36,9 +34,7 @@ import torch.nn.functional as F
 HALF_LOG_TWO_PI = 0.5 * math.log(2 * math.pi)
 
 
-# ---------------------------------------------------------------------------------------------
-# Loss: eq. 3, 7 and 9
-# ---------------------------------------------------------------------------------------------
+# --- Loss: eq. 3, 7 and 9 --------------------------------------------------------------------
 def kl_divergence(mu, logsd):
     """eq. 3 summed over latents, per sample: 1/2 sum(mu^2 + sigma^2 - log sigma^2 - 1)."""
     return 0.5 * (mu.square() + (2 * logsd).exp() - 2 * logsd - 1).sum(1)
@@ -64,24 +60,16 @@ def kl_weight_for(side):
     return side * side / 1024
 
 
-# ---------------------------------------------------------------------------------------------
-# gamma: computed (the paper) or learned (Dai & Wipf)
-# ---------------------------------------------------------------------------------------------
+# --- gamma: computed (the paper) or learned (Dai & Wipf) -------------------------------------
 class ComputedGamma(nn.Module):
-    """gamma = sqrt(mse_est), the paper's rule (section 3), stepped once per minibatch:
+    """gamma = sqrt(mse_est), the paper's rule (section 3), stepped after each minibatch:
 
         mse_est <- min(mse_est, 0.99 * mse_est + 0.01 * batch_mse),   mse_est starts at 1.0
 
-    - batch_mse is the mean over batch, pixels and channels of (x - x_hat)^2 of the minibatch
-      just trained on; the update runs after the optimizer step, so each step's loss uses the
-      estimate from the previous minibatches (as the released code feeds gamma in).
-    - The min makes gamma monotonically non-increasing: a batch above the estimate leaves it
-      unchanged; a batch below pulls it down by 1% of the gap (a moving average of the improving
-      batches only).
-    - gamma is a buffer, not a parameter: it enters the loss as a constant (no gradient), and it
-      is saved in the state_dict, so a checkpoint resumes the same estimate.
-    The update is a multiply-add and a min of device tensors, so it needs no host synchronisation.
-    """
+    batch_mse is the mean (x - x_hat)^2 of the minibatch just trained on, so each step's loss
+    uses the estimate of the previous ones, as the released code feeds gamma in. The min keeps
+    gamma non-increasing. A buffer, not a parameter: a constant in the loss (no gradient), saved
+    in the state_dict; updated on the device, without host synchronisation."""
 
     def __init__(self):
         super().__init__()
@@ -97,8 +85,7 @@ class ComputedGamma(nn.Module):
 
 
 class LearnedGamma(nn.Module):
-    """Dai & Wipf's gamma = exp(log_gamma), log_gamma a trainable scalar starting at 0 (gamma = 1),
-    trained by the same optimizer as the networks through eq. 7's gradient (eq. 8)."""
+    """Dai & Wipf's gamma = exp(log_gamma), trained from gamma = 1 with the networks (eq. 8)."""
 
     def __init__(self):
         super().__init__()
@@ -114,25 +101,20 @@ class LearnedGamma(nn.Module):
 GAMMAS = {"computed": ComputedGamma, "learned": LearnedGamma}
 
 
-# ---------------------------------------------------------------------------------------------
-# Networks
-# ---------------------------------------------------------------------------------------------
+# --- Networks --------------------------------------------------------------------------------
 def conv3x3(cin, cout, stride=1):
     return nn.Conv2d(cin, cout, 3, stride, padding=1)
 
 
 class BatchNorm(nn.BatchNorm2d):
-    """Batch norm whose moving averages are zero-debiased, as TF1's assign_moving_average does
-    by default in Dai & Wipf's batch_norm: after t steps the running estimate is
+    """Batch norm with zero-debiased moving averages, as TF1's assign_moving_average in Dai &
+    Wipf's batch_norm: after t steps the running estimate is the decay-weighted mean
 
         sum_i (1 - d) d^(t - i) stat_i / (1 - d^t),   decay d = 0.999,
 
-    the decay-weighted mean of the t batch statistics, its weights summing to 1. (A plain moving
-    average starts at (0, 1) and after a few hundred steps is still mostly that start; the
-    debiased one, for t well below 1/(1 - d), is close to the mean over all steps so far, the
-    first ones included.) The recursion for the debiased value is a moving average whose
-    momentum (1 - d) / (1 - d^t) starts at 1 (the first batch's statistics) and falls to 1 - d;
-    it is computed on the device from num_batches_tracked."""
+    of the t batch statistics (a plain moving average would still be mostly its (0, 1) start
+    after a few hundred steps). As a recursion: a moving average of momentum (1 - d) / (1 - d^t),
+    1 at the first step, falling to 1 - d."""
 
     def __init__(self, channels, decay=0.999):
         super().__init__(channels, eps=1e-5)  # the reference's epsilon
@@ -282,9 +264,7 @@ class SecondStage(_GaussianVAE):
         return 0.0
 
 
-# ---------------------------------------------------------------------------------------------
-# Reconstruction and two-stage generation (networks in eval mode)
-# ---------------------------------------------------------------------------------------------
+# --- Reconstruction and two-stage generation (networks in eval mode) -------------------------
 def randn(g, *shape, device):
     """Standard normal noise from the CPU generator g: the same numbers on any device."""
     return torch.randn(shape, generator=g).to(device)
@@ -305,9 +285,7 @@ def sample_latents(m1, m2, n, g, device):
     return z if m2 is None else m2.decode(z)
 
 
-# ---------------------------------------------------------------------------------------------
-# Latent statistics: eq. 6 and footnote 3
-# ---------------------------------------------------------------------------------------------
+# --- Latent statistics: eq. 6 and footnote 3 -------------------------------------------------
 def variance_law(mu, logsd, released=False):
     """Per latent: (Var_X[mu(X)] + E_X[v(X)], E_X[v(X)]) over the rows of mu, logsd, where v is
     sigma^2 as the paper defines it (eq. 6, footnote 3) or, with `released`, sigma itself, as the
