@@ -1984,37 +1984,13 @@ def test_gamma_plot_spans_the_epochs(tmp_path):
     assert (red[:, 1].min(), red[:, 1].max()) == (40 - 2, 280 + 2)
 
 
-def test_training_flops_match_a_count_by_layer_shapes():
-    """--bench's FLOPs: 2 * multiply-adds of every convolution and dense layer, found from the
-    shapes each layer sees; backward costs twice the forward (gradients of input and weight),
-    except the first convolution, whose input (the images) needs no gradient."""
-    model = train.build(TINY_CFG, 1)
-    x = torch.rand(10, 3, 16, 16)
-    counts = []
-    def count(m, inp, out):
-        if isinstance(m, torch.nn.Linear):
-            counts.append(2 * m.in_features * m.out_features * len(inp[0]))
-        else:  # a transposed convolution works per input pixel, a convolution per output pixel
-            pixels = (inp[0] if isinstance(m, torch.nn.ConvTranspose2d) else out)[0, 0].numel()
-            k = m.kernel_size[0] * m.kernel_size[1]
-            counts.append(2 * m.in_channels * m.out_channels * k * pixels * len(out))
-    for m in model.modules():
-        if isinstance(m, (torch.nn.Conv2d, torch.nn.ConvTranspose2d, torch.nn.Linear)):
-            m.register_forward_hook(count)
-    flops = train.training_flops(model, x, 1.0)
-    assert flops == 3 * sum(counts) - counts[0]
-
-
-def test_bench_prints_rates_and_flops(capsys):
-    """The printed figures agree with each other: images/s = batch / (ms/step), and the FLOPs per
-    image are those of the configured network."""
+def test_bench_prints_rates_and_speed_up(capsys):
+    """The printed figures agree with each other: images/s = batch / (ms/step), and the speed-up
+    is the plain step's time over the configured one's."""
     train.main([*TINY, "--bench", "--dataset", "folder"])
     out = capsys.readouterr().out
     ips, ms = map(float, re.search(r"([\d.]+) images/s\s+([\d.]+) ms/step", out).groups())
     assert ips == pytest.approx(10 / ms * 1000, rel=0.01)  # batch 10
-    model = train.build(TINY_CFG, 1)
-    flops = train.training_flops(model, torch.rand(10, 3, 16, 16), 0.25) / 10
-    assert f"{flops / 1e9:.3f} GFLOP/image" in out
     ms_plain, speedup = map(float, re.search(r"([\d.]+) ms/step  -> speed-up ([\d.]+)x",
                                              out).groups())
     assert speedup == pytest.approx(ms_plain / ms, rel=0.02)

@@ -64,9 +64,7 @@ def paper_defaults(dataset, side, stage):
         second_depth=3)
 
 
-# ---------------------------------------------------------------------------------------------
-# Command line: every flag checked before any data is decoded
-# ---------------------------------------------------------------------------------------------
+# --- Command line: every flag checked before any data is decoded ----------------------------------
 class Parser(argparse.ArgumentParser):
     def error(self, message):  # one line, not argparse's usage block of 35 flags
         raise DataError(f"{message} (python train.py --help lists the flags)")
@@ -178,9 +176,7 @@ def flag(key):
     return key.replace("_", "-")
 
 
-# ---------------------------------------------------------------------------------------------
-# Checkpoints: a run's pieces belong together
-# ---------------------------------------------------------------------------------------------
+# --- Checkpoints: a run's pieces belong together --------------------------------------------------
 def checkpoint_path(out, stage):
     return os.path.join(out, f"stage{stage}.pt")
 
@@ -270,9 +266,7 @@ def load_model(path, stage, device):
     return model.eval(), ck
 
 
-# ---------------------------------------------------------------------------------------------
-# Training (paper section 4): stage 1 on images, stage 2 on stage-1 latents
-# ---------------------------------------------------------------------------------------------
+# --- Training (paper section 4): stage 1 on images, stage 2 on stage-1 latents --------------------
 class Latents:
     """Stage-2 data (Dai & Wipf): the training set encoded once by the frozen stage-1 encoder;
     every epoch a fresh z = mu + sigma * eps, shuffled, in minibatches."""
@@ -447,9 +441,7 @@ def print_start(args, cfg, model, n, n_split, start):
           flush=True)
 
 
-# ---------------------------------------------------------------------------------------------
-# Pictures (Pillow only): sample grids, the latent-variance heatmap (Fig. 6-7), gamma
-# ---------------------------------------------------------------------------------------------
+# --- Pictures (Pillow only): sample grids, the latent-variance heatmap (Fig. 6-7), gamma ----------
 @torch.no_grad()
 def decode_all(m1, z, batch=500):
     return np.concatenate([data.to_uint8(m1.decode(c)) for c in z.split(batch)])
@@ -494,9 +486,7 @@ HEAT_ORIGIN = (50, 30)  # (x, y) of the top-left cell
 
 def heat_colours(v):
     """Values in [0, 1] -> RGB: dark blue 0 (active latent), teal 0.5, yellow 1 (inactive)."""
-    t = np.clip(v, 0, 1) * 2
-    lo = np.minimum(t.astype(int), 1)
-    return (HEAT[lo] + (t - lo)[..., None] * (HEAT[lo + 1] - HEAT[lo])).astype(np.uint8)
+    return np.stack([np.interp(v, (0, 0.5, 1), c) for c in HEAT.T], -1).astype(np.uint8)
 
 
 def save_heatmap(values, path, title, cell=(6, 6), threshold=0.8):
@@ -571,9 +561,7 @@ def write_pictures(history, m1, m2, fixed, out, tag, seed, grids):
     data.save_grid(decode_all(m1, z), os.path.join(out, f"samples_{tag}.png"))
 
 
-# ---------------------------------------------------------------------------------------------
-# Evaluation (paper 4-5): REC, GEN-1, GEN-2 FID on 10,000 test images, mse, eq. 6, footnote 3
-# ---------------------------------------------------------------------------------------------
+# --- Evaluation (paper 4-5): REC, GEN-1, GEN-2 FID on 10,000 test images, mse, eq. 6, footnote 3 --
 @torch.no_grad()
 def evaluate(args):
     dev, out = args.device, args.out
@@ -641,20 +629,10 @@ def evaluate(args):
     return res
 
 
-# ---------------------------------------------------------------------------------------------
-# --bench: training speed on synthetic data of the dataset's shape (no download)
-# ---------------------------------------------------------------------------------------------
-def training_flops(model, x, kl_weight):
-    """FLOPs of one training step's forward and backward, as torch.utils.flop_counter counts."""
-    from torch.utils.flop_counter import FlopCounterMode
-    with FlopCounterMode(display=False) as counter:
-        model.loss(x, model(x), kl_weight)[0].backward()
-    return counter.get_total_flops()
-
-
+# --- --bench: training speed on synthetic data of the dataset's shape (no download) ---------------
 def bench(args, warmup=3, steps=10):
     """Time the training step as configured and, side by side, a plain fp32 step of the same
-    network (NCHW memory, no autocast, no compile); count its FLOPs."""
+    network (NCHW memory, no autocast, no compile)."""
     dev = args.device
     if args.dataset == "folder":  # no folder to look at: the shape of CelebA's images
         args.img_size = args.img_size or 64
@@ -668,18 +646,16 @@ def bench(args, warmup=3, steps=10):
         step = make_step(model, make_optimizer(model, cfg["lr"], dev), cfg, a)
         xf = x.contiguous(memory_format=fmt) if x.dim() == 4 else x
         data.seconds_per_call(lambda: step(xf), warmup, dev)
-        return data.seconds_per_call(lambda: step(xf), steps, dev), model
-    plain, _ = seconds_per_step(torch.contiguous_format,
+        return data.seconds_per_call(lambda: step(xf), steps, dev)
+    plain = seconds_per_step(torch.contiguous_format,
                                 argparse.Namespace(**{**vars(args), "amp": "none",
                                                       "compile": False}))
-    dt, model = seconds_per_step(torch.channels_last, args)
-    flops = training_flops(model, x, cfg["kl_weight"]) / bs
+    dt = seconds_per_step(torch.channels_last, args)
     where = (torch.cuda.get_device_name(dev) if dev.type == "cuda"
              else f"{torch.get_num_threads()} threads")
     print(f"device {dev} ({where}), stage {args.stage}, {cfg['dataset']} {side}x{side}, batch "
           f"{bs}, amp {args.amp}, compile {args.compile}")
-    print(f"{bs / dt:.1f} images/s  {dt * 1e3:.1f} ms/step  {flops / 1e9:.3f} GFLOP/image "
-          f"(training)  {flops * bs / dt / 1e12:.3f} TFLOP/s")
+    print(f"{bs / dt:.1f} images/s  {dt * 1e3:.1f} ms/step")
     print(f"plain fp32 NCHW step: {bs / plain:.1f} images/s  {plain * 1e3:.1f} ms/step  -> "
           f"speed-up {plain / dt:.2f}x")
 
