@@ -333,23 +333,8 @@ def lr_at(cfg, epoch):
 
 
 def train(args):
-    stage, dev, out = args.stage, args.device, args.out
-    path = checkpoint_path(out, stage)
-    if os.path.exists(path) and not args.resume:
-        raise DataError(f"{path} exists: pass --resume to continue it, or delete it / choose "
-                        "another --out to start over.")
-    ck = load_checkpoint(path, dev) if args.resume else None
-    m1, ck1 = load_model(checkpoint_path(out, 1), 1, dev) if stage == 2 else (None, None)
-    cfg = settle(args, stage, ck, ck1)
-    for c in (ck1, ck):  # the data and stage 1 the run was trained on
-        cfg |= {k: c["config"][k] for k in ("data_id", "stage1") if c and k in c["config"]}
-    check_data(cfg, args.data_dir, checkpoint_path(out, 1) if ck1 and not ck else path)
-    if stage == 2:
-        check_pair(cfg, ck1, out)
-    start = ck["epoch"] if ck else 0
-    if start >= args.epochs:
-        raise DataError(f"{path} has trained {start} epochs already: pass a larger --epochs (the "
-                        "stage's total) to train more")
+    stage, dev = args.stage, args.device
+    path, cfg, ck, m1 = prepare(args)
     torch.manual_seed(cfg["seed"])
     split = data.load_split(cfg["dataset"], "train", args.data_dir, cfg["img_size"],
                             cfg["resize"], jpeg=cfg["jpeg"])
@@ -362,14 +347,7 @@ def train(args):
         batches = Latents(*encode_all(m1, images, dev), cfg["batch_size"], cfg["seed"])
     model = build(cfg, stage).to(dev, memory_format=torch.channels_last)
     opt = make_optimizer(model, cfg["lr"], dev)
-    history = []
-    if ck is not None:
-        model.load_state_dict(ck["model"])
-        opt.load_state_dict(ck["optimizer"])
-        history = ck["history"]
-        torch.set_rng_state(ck["rng"]["cpu"])
-        if dev.type == "cuda" and "cuda" in ck["rng"]:
-            torch.cuda.set_rng_state(ck["rng"]["cuda"], dev)
+    start, history = restore(ck, model, opt)
     print_start(args, cfg, model, len(images), len(split), start)
     step = make_step(model, opt, cfg, args)
     for epoch in range(start, args.epochs):
@@ -382,7 +360,7 @@ def train(args):
         todo = len(batches) * cfg["batch_size"]
         for x in data.progress(batches.epoch(epoch), todo, f"stage {stage} epoch {epoch + 1}/"
                                f"{args.epochs}", leave=False):
-            r, mu, logsd = step(x)
+            r, mu, logsd = step(x)  # eq. 7 + k * eq. 3, Adam, then the gamma update
             rec.append(r), mus.append(mu), logsds.append(logsd)
         loss, kl, mse = torch.stack(rec).mean(0).tolist()
         if not math.isfinite(loss):
@@ -402,8 +380,44 @@ def train(args):
               f"{todo / seconds:.0f} img/s  {seconds:.1f}s", flush=True)
         model.eval()
         grids = (epoch + 1) % args.sample_every == 0 or epoch + 1 == args.epochs
-        write_pictures(history, m1 or model, model if m1 else None, fixed, out,
+        write_pictures(history, m1 or model, model if m1 else None, fixed, args.out,
                        f"{'stage2_' if m1 else ''}e{epoch + 1:04d}", cfg["seed"], grids)
+
+
+def prepare(args):
+    """This stage's checkpoint path, the run's configuration, the checkpoint to resume (or None)
+    and for stage 2 the frozen stage-1 model, all checked against each other and the data."""
+    stage, out = args.stage, args.out
+    path = checkpoint_path(out, stage)
+    if os.path.exists(path) and not args.resume:
+        raise DataError(f"{path} exists: pass --resume to continue it, or delete it / choose "
+                        "another --out to start over.")
+    ck = load_checkpoint(path, args.device) if args.resume else None
+    m1, ck1 = load_model(checkpoint_path(out, 1), 1, args.device) if stage == 2 else (None, None)
+    cfg = settle(args, stage, ck, ck1)
+    for c in (ck1, ck):  # the data and stage 1 the run was trained on
+        cfg |= {k: c["config"][k] for k in ("data_id", "stage1") if c and k in c["config"]}
+    check_data(cfg, args.data_dir, checkpoint_path(out, 1) if ck1 and not ck else path)
+    if stage == 2:
+        check_pair(cfg, ck1, out)
+    if ck and ck["epoch"] >= args.epochs:
+        raise DataError(f"{path} has trained {ck['epoch']} epochs already: pass a larger --epochs "
+                        "(the stage's total) to train more")
+    return path, cfg, ck, m1
+
+
+def restore(ck, model, opt):
+    """(epoch, metric rows) to continue from: a checkpoint's, with its weights (gamma's estimate
+    included), Adam's moments and the RNG state; (0, []) for a new run."""
+    if ck is None:
+        return 0, []
+    model.load_state_dict(ck["model"])
+    opt.load_state_dict(ck["optimizer"])
+    torch.set_rng_state(ck["rng"]["cpu"])
+    dev = next(model.parameters()).device
+    if dev.type == "cuda" and "cuda" in ck["rng"]:
+        torch.cuda.set_rng_state(ck["rng"]["cuda"], dev)
+    return ck["epoch"], ck["history"]
 
 
 def save_checkpoint(path, cfg, model, opt, epoch, history):
