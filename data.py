@@ -45,7 +45,6 @@ Deviations from the reference:
 - A --limit takes a seeded random subset, not the first N files, which in a folder sorted
   by class are all of one class.
 """
-import argparse
 import hashlib
 import http.client
 import io
@@ -90,7 +89,7 @@ FOLDER_SIZE = 64  # a folder's side when its images do not settle one
 
 
 class DataError(Exception):
-    """An expected failure (missing file, bad input): main() prints it without a traceback."""
+    """An expected failure (missing file, bad input), reported as one line without a traceback."""
 
 
 def progress(items, total, desc, unit="images", size=len, done=0, leave=True):
@@ -181,7 +180,8 @@ def list_images(root):
 
 def save_grid(images, path, ncol=8, pad=2):
     """Write uint8 images (N, H, W, 3) as one PNG grid of `ncol` columns, white between."""
-    _check_png(path)
+    if not os.fspath(path).lower().endswith(".png"):  # not PNG data under a lossy format's name
+        raise DataError(f"{path}: image grids are written as PNG (lossless); name the file .png")
     images = np.asarray(images)
     n, h, w, _ = images.shape
     grid = np.full((-(-n // ncol) * (h + pad) + pad, ncol * (w + pad) + pad, 3), 255, np.uint8)
@@ -189,12 +189,6 @@ def save_grid(images, path, ncol=8, pad=2):
         top, left = pad + i // ncol * (h + pad), pad + i % ncol * (w + pad)
         grid[top:top + h, left:left + w] = img
     atomic_write(path, lambda f: Image.fromarray(grid).save(f, format="PNG"))
-
-
-def _check_png(path):
-    # Refused rather than PNG data under a .jpg name; nor JPEG, whose artefacts would mislead.
-    if not os.fspath(path).lower().endswith(".png"):
-        raise DataError(f"{path}: image grids are written as PNG (lossless); name the file .png")
 
 
 def choose_img_size(dataset, data_dir=None):
@@ -687,53 +681,3 @@ def to_uint8(x):
     stored."""
     return (x.float() * 255).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
 
-
-def main(argv=None):
-    p = argparse.ArgumentParser(description="Prepare and cache a dataset, then print each split's "
-                                "image count, shape and mean R, G, B (0-255).",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--dataset", required=True, choices=DATASETS,
-                   help="cifar10 is downloaded; celeba must be put in DATA_DIR/celeba/ by hand "
-                        "(see README); folder is any tree of images at DATA_DIR")
-    p.add_argument("--data-dir", default="data",
-                   help="cifar10: where the tarball and caches go; celeba: the folder holding "
-                        "celeba/; folder: the image tree, whose train/ and test/ subfolders are "
-                        f"the splits, else every {FOLDER_TEST_EVERY}th image by sorted path is "
-                        "test")
-    p.add_argument("--img-size", type=int, default=None,
-                   help="side of the square images; None means 32 for cifar10 (its only size), "
-                        "64 for celeba, and for a folder its images' size when all are square, "
-                        "of one size and a power of two, else 64")
-    p.add_argument("--resize", default="bilinear", choices=RESIZE_MODES,
-                   help="PIL filter for celeba and folder; nearest makes jaggies (paper Fig. 3)")
-    p.add_argument("--jpeg", type=int, metavar="Q",
-                   help="JPEG round trip at quality Q, as the paper's preprocessing (75); "
-                        "default: lossless")
-    p.add_argument("--preview", metavar="PNG",
-                   help="also write the first 64 train images as a grid to this PNG")
-    args = p.parse_args(argv)
-    try:
-        if args.preview:
-            _check_png(args.preview)  # now, not after a long decode
-        size = args.img_size
-        if size is None and args.dataset == "folder":  # the others have the paper's sizes
-            size, why = choose_img_size(args.dataset, args.data_dir)
-            print(f"image size {size} ({why})", file=sys.stderr)
-        for split in SPLITS[args.dataset]:
-            x = load_split(args.dataset, split, args.data_dir, size, args.resize, jpeg=args.jpeg)
-            r, g, b = x.mean(axis=(0, 1, 2))
-            shape = "x".join(map(str, x.shape[1:]))
-            print(f"{split:5s} {len(x):7d} images  {shape}  mean R,G,B {r:.2f} {g:.2f} {b:.2f}")
-        if args.preview:
-            train = load_split(args.dataset, "train", args.data_dir, size, args.resize,
-                               jpeg=args.jpeg)
-            save_grid(train[:64], args.preview)
-            print(f"wrote {args.preview}", file=sys.stderr)
-    except DataError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
