@@ -38,6 +38,7 @@ import urllib.request
 import numpy as np
 import torch
 from PIL import Image
+
 DATASETS = ("cifar10", "celeba", "folder")
 SPLITS = {"cifar10": ("train", "test"), "celeba": ("train", "valid", "test"),
           "folder": ("train", "test")}
