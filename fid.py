@@ -5,8 +5,7 @@ their FID (Heusel et al. 2017) against 10,000 test images (sections 4-5), comput
 Inception graph of 2015-12-05. Here: an Inception v3 with torchvision's parameter names, so both
 published weight files load into it; feature statistics; the Frechet distance; a command line:
 
-    python fid.py A B                      FID of A vs B: folders of images, uint8 (N, H, W, 3)
-                                           arrays in .npy/.npz, or statistics .npz (mu, sigma)
+    python fid.py A B                      FID of A vs B: image folders or statistics .npz files
     python fid.py A --save-stats a.npz     save the statistics of A for later runs
     python fid.py --bench --batch-size 64  Inception images/second on this device (random weights)
 
@@ -23,7 +22,7 @@ Deviations from pytorch-fid, each checked against it:
 - Statistics files record their network (variant, SHA-256 of the weights): statistics of
   different networks are not compared, and cached statistics are keyed by it.
 - Speed: channels-last layout, and batch norm folded into the convolutions (inference only).
-- Generated float images are quantised to uint8 first, as the image files pytorch-fid reads are.
+- Generated images are quantised to uint8 (by the caller), as the image files pytorch-fid reads are.
 - Fewer images than the 2048 features: a warning (singular covariance; pytorch-fid is silent).
 """
 import argparse
@@ -308,50 +307,28 @@ def exact_fp32():
         torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
 
 
-def _check_array(a):
-    if a.dtype != np.uint8 or a.ndim != 4 or a.shape[3] != 3:
-        raise DataError(f"expected uint8 images of shape (N, H, W, 3), got {a.dtype} {a.shape} "
-                        "(float images in [0, 1]: save (x * 255).round().astype(np.uint8))")
-    return a
-
-
-def _to_uint8(batch):
-    """A batch as a uint8 (N, 3, H, W) tensor. Float images in [0, 1] are quantised like the
-    8-bit files the real images come from, so generated and real images take the same path."""
-    if isinstance(batch, np.ndarray):
-        # np.array copies a read-only (memory-mapped) batch into memory torch may own
-        return torch.from_numpy(np.array(_check_array(batch))).permute(0, 3, 1, 2)  # channels-last
-    if batch.is_floating_point():
-        if not torch.isfinite(batch).all():
-            raise DataError("the images contain NaN or infinite values (did the model diverge?)")
-        batch = (batch * 255).round().clamp(0, 255).to(torch.uint8)  # to nearest, as files are
-    if batch.dtype != torch.uint8 or batch.ndim != 4 or batch.shape[1] != 3:
-        raise DataError(f"expected float images (N, 3, H, W) in [0, 1], got {batch.dtype} "
-                        f"{tuple(batch.shape)}")
-    return batch
-
-
-def feature_stats(model, images, batch_size=200, device=None, desc="features", total=None):
-    """Float64 mean and covariance (np.cov, N - 1) of the pool features of `images`: uint8
-    (N, H, W, 3) numpy, float (N, 3, H, W) torch in [0, 1], or an iterable of such batches (a
-    generator of samples; `total` images, if given, for the progress line's ETA)."""
-    device = device or next(model.parameters()).device
-    if isinstance(images, (np.ndarray, torch.Tensor)):
+def feature_stats(model, images, batch_size=200, desc="features", total=None):
+    """Float64 mean and covariance (np.cov, N - 1) of the features of uint8 images (N, H, W, 3):
+    an array, or an iterable of such batches (`total` images, if known, for the progress line)."""
+    if isinstance(images, np.ndarray):
         total = len(images)
-        images = [images[i:i + batch_size] for i in range(0, total, batch_size)]
-    feats = []
+        images = [images[i:i + batch_size] for i in range(0, total, batch_size)]  # views
+    device, feats = next(model.parameters()).device, []
     with torch.no_grad(), exact_fp32():
         for batch in progress(images, total, desc):
-            feats.append(model(_to_uint8(batch).to(device).float() / 255).double().cpu())
-    n = sum(len(f) for f in feats)
+            if batch.dtype != np.uint8 or batch.ndim != 4 or batch.shape[3] != 3:
+                raise DataError(f"{desc}: expected uint8 images (N, H, W, 3), not {batch.dtype} "
+                                f"{batch.shape}")
+            x = torch.from_numpy(np.array(batch)).to(device)  # a copy: memmaps are read-only
+            feats.append(model(x.permute(0, 3, 1, 2).float() / 255).double().cpu())
+    n = sum(map(len, feats))
     if n < 2:
-        raise DataError(f"{desc}: {n} image(s); a covariance needs at least 2 (the paper uses "
-                        "10,000)")
+        raise DataError(f"{desc}: {n} image(s); a covariance needs at least 2 (the paper: 10,000)")
     feats = torch.cat(feats).numpy()
     if n < feats.shape[1]:
         print(f"warning: {desc}: {n} images < {feats.shape[1]} features, so the covariance is "
-              "singular; the FID stays finite but is biased up, comparable only at equal N (the "
-              "paper uses 10,000)", file=sys.stderr)
+              "singular and the FID biased up: compare only at equal N (the paper's 10,000)",
+              file=sys.stderr)
     return feats.mean(0), np.cov(feats, rowvar=False)
 
 
@@ -446,54 +423,24 @@ def cached_stats(path, compute, weights_id):
     return mu, sigma
 
 
-def _read_images(paths):
-    images = []
-    for path in paths:
-        try:
-            with Image.open(path) as im:
-                images.append(np.asarray(im.convert("RGB")))
-        except (OSError, ValueError) as e:  # PIL's UnidentifiedImageError is an OSError
-            raise DataError(f"cannot read image {path}: {e}") from None
-    if len({im.shape for im in images}) > 1:
-        raise DataError(f"images of different sizes near {paths[0]}: resize them to one size first")
-    return np.stack(images)
+def input_stats(path, get_model, batch_size):
+    """(mu, sigma, weights_id) of a statistics .npz, or of a folder of images by get_model()."""
+    if path.endswith(".npz") and os.path.isfile(path):
+        return load_stats(path)
+    paths = list_images(path) if os.path.isdir(path) else []
+    if not paths:
+        raise DataError(f"{path}: neither a statistics .npz (mu, sigma) nor a folder of images")
 
-
-INPUTS = ("a folder of images, a uint8 (N, H, W, 3) array in .npy/.npz, or a statistics .npz "
-          "(mu, sigma)")
-
-
-def input_stats(path, get_model, batch_size, device):
-    """(mu, sigma, weights_id) of a command-line input: a folder of images, a uint8 .npy/.npz
-    array or a statistics .npz (weights_id None if it does not record it)."""
-    if not os.path.exists(path):
-        raise DataError(f"{path} does not exist")
-    total = None
-    if os.path.isdir(path):
-        paths = list_images(path)
-        if not paths:
-            raise DataError(f"no images found in folder {path}")
-        total = len(paths)
-        images = (_read_images(paths[i:i + batch_size]) for i in range(0, total, batch_size))
-    elif path.endswith((".npy", ".npz")):
-        try:
-            data = np.load(path, allow_pickle=False)
-        except (OSError, ValueError, zipfile.BadZipFile) as e:
-            raise DataError(f"cannot read {path}: {e}") from None
-        if isinstance(data, np.lib.npyio.NpzFile):
-            with data:
-                if {"mu", "sigma"} <= set(data.files):
-                    return load_stats(path)
-                if len(data.files) != 1:
-                    raise DataError(f"{path} holds {data.files}: expected mu and sigma, or one "
-                                    "image array")
-                data = data[data.files[0]]
-        images = _check_array(data)  # before loading the weights
-    else:
-        raise DataError(f"{path}: expected {INPUTS}")
+    def batches():
+        for i in range(0, len(paths), batch_size):
+            try:  # PIL's errors name the file; np.stack's, images of different sizes
+                batch = np.stack([np.asarray(Image.open(p).convert("RGB"))
+                                  for p in paths[i:i + batch_size]])
+            except (OSError, ValueError) as e:
+                raise DataError(f"cannot read the images from {paths[i]} on: {e}") from None
+            yield batch
     model = get_model()
-    return (*feature_stats(model, images, batch_size, device, desc=path, total=total),
-            model.weights_id)
+    return *feature_stats(model, batches(), desc=path, total=len(paths)), model.weights_id
 
 
 def bench(variant, batch_size, img_size, device, warmup=1, steps=5):
@@ -514,37 +461,32 @@ def bench(variant, batch_size, img_size, device, warmup=1, steps=5):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("a", nargs="?", help=f"first input: {INPUTS}")
-    p.add_argument("b", nargs="?", help="second input, of the same kinds (optional with "
-                                        "--save-stats)")
-    p.add_argument("--save-stats", metavar="OUT.npz", help="save the statistics (mu, sigma) of A")
-    p.add_argument("--inception", choices=list(URLS), default="torchvision",
-                   help="Inception weights: 'tf' is the standard FID network (the TF 2015-12-05 "
-                        "graph as ported by pytorch-fid) and gives the FIDs comparable with the "
-                        "paper and the literature; 'torchvision' (ImageNet weights) gives FIDs "
-                        "on another scale")
-    p.add_argument("--inception-weights", metavar="PATH",
-                   help="load the Inception weights from this local file instead of downloading")
-    p.add_argument("--batch-size", type=int, default=200, help="images per Inception forward pass")
-    p.add_argument("--device", default=default_device(), help="torch device for the network")
-    p.add_argument("--bench", action="store_true",
-                   help="print the Inception images/second on --device (random weights), then exit")
-    p.add_argument("--img-size", type=int, default=32, help="side of the random --bench images")
+    a = p.add_argument
+    a("a", nargs="?", help="a folder of images or a statistics .npz (mu, sigma)")
+    a("b", nargs="?", help="the same, for the other side (optional with --save-stats)")
+    a("--save-stats", metavar="OUT.npz", help="save the statistics (mu, sigma) of A")
+    a("--inception", choices=list(URLS), default="torchvision",
+      help="'tf' (the TF graph as ported by pytorch-fid) gives FIDs comparable with the paper; "
+           "'torchvision' (ImageNet weights) gives FIDs on another scale")
+    a("--inception-weights", metavar="PATH", help="a local weights file instead of the download")
+    a("--batch-size", type=int, default=200, help="images per Inception forward pass")
+    a("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
+    a("--bench", action="store_true", help="print the Inception images/second, then exit")
+    a("--img-size", type=int, default=32, help="side of the random --bench images")
     args = p.parse_args(argv)
     if not args.bench and (args.a is None or (args.b is None and not args.save_stats)):
         p.error("give two inputs A B, or one input and --save-stats OUT.npz (or --bench)")
+    get_model = functools.cache(lambda: load_inception(args.inception, args.inception_weights,
+                                                       args.device))
     try:
         if args.bench:
             bench(args.inception, args.batch_size, args.img_size, args.device)
             return 0
-        # loaded only when an input is not a statistics file: two .npz statistics need no weights
-        get_model = functools.cache(lambda: load_inception(args.inception, args.inception_weights,
-                                                           args.device))
-        mu1, sigma1, id1 = input_stats(args.a, get_model, args.batch_size, args.device)
+        mu1, sigma1, id1 = input_stats(args.a, get_model, args.batch_size)
         if args.save_stats:
             save_stats(args.save_stats, mu1, sigma1, id1)
         if args.b is not None:
-            mu2, sigma2, id2 = input_stats(args.b, get_model, args.batch_size, args.device)
+            mu2, sigma2, id2 = input_stats(args.b, get_model, args.batch_size)
             same_network(id1, id2, args.a, args.b)
             print(f"{frechet_distance(mu1, sigma1, mu2, sigma2):.6f}")
     except DataError as e:
