@@ -51,6 +51,7 @@ URLS = {
 # files so, and pytorch-fid's file has one too: its SHA-256, as projects that pin it record, is
 # 6726825d0af5f729cebd5821db510b11b1cfad8faad88a03f1befd49fb9129b2 (95,628,359 bytes).
 IGNORED = ("fc.", "AuxLogits.")  # classifier heads: FID uses the 2048-d pool features before them
+FC_CLASSES = {"torchvision": 1000, "tf": 1008}  # the classifier sizes tell the two files apart
 
 
 class BasicConv2d(nn.Module):
@@ -224,35 +225,24 @@ class InceptionV3(nn.Module):
         return _chain(x, *self.children()).flatten(1)
 
 
-FC_CLASSES = {"torchvision": 1000, "tf": 1008}
-
-
 def load_weights(model, state, variant):
-    """Copy a torchvision-named state dict into `model`; refuse a missing name, a stray one, a
-    wrong shape."""
-    def needed(d):  # num_batches_tracked only counts training steps (and not every file has it)
-        return {k: v for k, v in d.items()
-                if not k.startswith(IGNORED) and not k.endswith("_tracked")}
-    have, want = needed(state if isinstance(state, dict) else {}), needed(model.state_dict())
-    problems = [f"missing {k}" for k in want if k not in have]
-    problems += [f"unexpected {k}" for k in have if k not in want]
-    shape = {k: getattr(v, "shape", None) for k, v in have.items()}
-    problems += [f"{k} has shape {tuple(shape[k] or ())}, expected {tuple(v.shape)}"
-                 for k, v in want.items() if k in have and shape[k] != v.shape]
-    # The two files differ only in the classifier (1000 ImageNet classes vs the TF graph's 1008),
-    # which is ignored otherwise; checking it catches a file passed with the wrong --inception.
-    fc, classes = (state.get("fc.weight") if isinstance(state, dict) else None), FC_CLASSES[variant]
-    if fc is not None and getattr(fc, "shape", (classes,))[0] != classes:
-        problems.append(f"fc has {fc.shape[0]} classes, not {classes} "
-                        "(the other --inception variant's file?)")
-    if problems:
-        n = len(problems)
-        raise DataError(f"these are not the {variant} Inception v3 weights ({n} problem"
-                        f"{'s' * (n > 1)}: {'; '.join(problems[:4])}{'; ...' if n > 4 else ''}). "
-                        f"Use the file from {URLS[variant]}, or leave --inception-weights out to "
-                        "download it.")
-    tracked = [k for k in model.state_dict() if k.endswith("_tracked")]  # a step counter: zero
-    model.load_state_dict({**have, **{k: torch.tensor(0) for k in tracked}})  # strict: all set
+    """Copy a torchvision-named state dict into `model`, classifier heads ignored; refuse a file
+    with missing or stray names, wrong shapes, or the other variant's classifier size."""
+    state = state if isinstance(state, dict) else {}
+    problem, fc = None, state.get("fc.weight")
+    if fc is not None and len(fc) != FC_CLASSES[variant]:  # the other variant's file
+        problem = f"fc has {len(fc)} classes, not {FC_CLASSES[variant]}"
+    # num_batches_tracked counts training steps: inference never reads it, not every file has it
+    tracked = {k: torch.tensor(0) for k in model.state_dict() if k.endswith("_tracked")}
+    try:
+        model.load_state_dict({**{k: v for k, v in state.items() if not k.startswith(IGNORED)},
+                               **tracked})
+    except RuntimeError as e:  # torch lists the missing and stray names and the wrong shapes
+        problem = " ".join(str(e).split(":", 1)[1].split())
+    if problem:
+        raise DataError(f"these are not the {variant} Inception v3 weights ({problem[:300]}"
+                        f"{'...' * (len(problem) > 300)}). Use the file from {URLS[variant]}, or "
+                        "leave --inception-weights out to download it.")
 
 
 def network_id(model):
