@@ -257,33 +257,24 @@ def network_id(model):
     return f"{model.variant}-{h.hexdigest()[:16]}"
 
 
-def default_device():
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
 def load_inception(variant="torchvision", weights_path=None, device=None):
-    """The feature extractor in eval mode: "torchvision" (ImageNet) or "tf" (the FID network of
-    the literature) weights, from `weights_path` or downloaded once into torch.hub's cache.
-    `model.weights_id` names the weights by content (see network_id)."""
-    if variant not in URLS:
-        raise DataError(f"unknown Inception variant {variant!r}: use one of {', '.join(URLS)}")
+    """Eval-mode InceptionV3 with the variant's weights (`weights_path`, else downloaded once
+    into torch.hub's cache) on `device` (default: cuda if available); `.weights_id` names them."""
     try:
         state = (torch.load(weights_path, map_location="cpu", weights_only=True) if weights_path
                  else torch.hub.load_state_dict_from_url(URLS[variant], map_location="cpu",
                                                          check_hash=True, weights_only=True))
     except (OSError, RuntimeError, pickle.UnpicklingError) as e:  # URLError, bad hash or file
-        if weights_path:
-            raise DataError(f"cannot load Inception weights from {weights_path}: {e}") from None
-        raise DataError(f"cannot get the {variant} Inception weights ({e}). Without internet, "
-                        f"download {URLS[variant]} elsewhere and pass it with --inception-weights "
-                        "PATH (weights_path= in Python).") from None
+        raise DataError(f"cannot load Inception weights from {weights_path}: {e}" if weights_path
+                        else f"cannot get the {variant} Inception weights ({e}). Offline, download "
+                        f"{URLS[variant]} elsewhere and pass it with --inception-weights PATH "
+                        "(weights_path= in Python)") from None
     with torch.device("meta"):  # no random initialisation (0.8 s): load_weights sets all
         model = InceptionV3(variant)
-    model.to_empty(device="cpu")
-    load_weights(model, state, variant)
+    load_weights(model.to_empty(device="cpu"), state, variant)
     model.weights_id = network_id(model)
-    model.to(device or default_device(), memory_format=torch.channels_last)
-    return model.eval().requires_grad_(False)
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    return model.to(device, memory_format=torch.channels_last).eval().requires_grad_(False)
 
 
 @contextlib.contextmanager
@@ -393,12 +384,6 @@ def load_stats(path):
             return f["mu"], f["sigma"], f"{f['inception']}-{f['weights']}" if known else None
     except (OSError, ValueError, KeyError, zipfile.BadZipFile) as e:
         raise DataError(f"cannot read statistics (mu, sigma) from {path}: {e}") from None
-
-
-def stats_cache_name(dataset, split, size, n, weights_id):
-    """File name for cached statistics of real images, naming all they depend on: pass the
-    network's `weights_id` (content-keyed, so new weights under an old name are recomputed)."""
-    return f"fid_stats_{dataset}_{split}_{size}px_n{n}_{weights_id}.npz"
 
 
 def cached_stats(path, compute, weights_id):
