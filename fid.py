@@ -1,29 +1,19 @@
 """FID (Frechet Inception Distance) in plain PyTorch: the paper's evaluation metric.
 
 The paper scores reconstructions (REC), decoder samples (GEN-1) and two-stage samples (GEN-2) by
-their FID (Heusel et al. 2017) against 10,000 test images (sections 4-5), computed with the TF
-Inception graph of 2015-12-05. Here: an Inception v3 with torchvision's parameter names, so both
-published weight files load into it; feature statistics; the Frechet distance; a command line:
+their FID against 10,000 test images (sections 4-5). Only `--inception tf` (pytorch-fid's port
+of the TF graph of 2015-12-05) gives FIDs comparable with the paper's; torchvision's ImageNet
+weights (the default) give another scale. `python fid.py A B` prints the FID of A vs B (image
+folders or statistics .npz); --save-stats writes statistics, --bench times the network.
 
-    python fid.py A B                      FID of A vs B: image folders or statistics .npz files
-    python fid.py A --save-stats a.npz     save the statistics of A for later runs
-    python fid.py --bench --batch-size 64  Inception images/second on this device (random weights)
-
-Only `--inception tf` (pytorch-fid's port of the TF graph) gives FIDs comparable with the paper;
-torchvision's ImageNet weights (the default) give FIDs on another scale.
-
-Deviations from pytorch-fid, each checked against it:
-- tr sqrtm(s1 s2) is computed as tr sqrtm(sqrt(s1) s2 sqrt(s1)) (the same eigenvalues) by
-  symmetric eigen-decompositions, round-off below 0 clipped: with fewer images than features,
-  pytorch-fid's sqrtm of the non-symmetric s1 s2 turns round-off into imaginary parts and
-  refuses. Where it gives a value the two agree to round-off. No 1e-6 * I retry: eigh has no
-  singular case. 2 s at 2048-d on 2 CPU cores.
-- Matrices that are no covariances (asymmetric, negative eigenvalues) are refused up front.
-- Statistics files record their network (variant, SHA-256 of the weights): statistics of
-  different networks are not compared, and cached statistics are keyed by it.
-- Speed: channels-last layout, and batch norm folded into the convolutions (inference only).
-- Generated images are quantised to uint8 (by the caller), as the image files pytorch-fid reads are.
-- Fewer images than the 2048 features: a warning (singular covariance; pytorch-fid is silent).
+Deviations from pytorch-fid:
+- tr sqrtm(s1 s2) by symmetric eigh: finite with fewer images than features, where scipy's
+  sqrtm of the non-symmetric s1 s2 turns round-off imaginary and refuses.
+- Matrices that are no covariances are refused: no FID is defined for them.
+- Statistics files record their network: those of different networks are not compared.
+- Batch norm folded into the convolutions, channels-last: faster, the same features.
+- Generated images are quantised to uint8 (by the caller), as the real images' files are.
+- Fewer images than the 2048 features: a warning (singular covariance, the FID biased up).
 """
 import argparse
 import contextlib
@@ -42,29 +32,22 @@ from PIL import Image
 
 from data import DataError, atomic_write, list_images, progress, seconds_per_call
 
-URLS = {
+URLS = {  # torch.hub's check_hash reads the SHA-256 prefix that ends each name (pytorch-fid's:
+    # 6726825d0af5f729cebd5821db510b11b1cfad8faad88a03f1befd49fb9129b2, as projects pin it)
     "torchvision": "https://download.pytorch.org/models/inception_v3_google-0cc3c7bd.pth",
     "tf": "https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
-          "pt_inception-2015-12-05-6726825d.pth",
-}
-# torch.hub's check_hash needs a SHA-256 prefix at the end of the file name; torchvision names its
-# files so, and pytorch-fid's file has one too: its SHA-256, as projects that pin it record, is
-# 6726825d0af5f729cebd5821db510b11b1cfad8faad88a03f1befd49fb9129b2 (95,628,359 bytes).
-IGNORED = ("fc.", "AuxLogits.")  # classifier heads: FID uses the 2048-d pool features before them
+          "pt_inception-2015-12-05-6726825d.pth"}
 FC_CLASSES = {"torchvision": 1000, "tf": 1008}  # the classifier sizes tell the two files apart
+IGNORED = ("fc.", "AuxLogits.")  # classifier heads: FID uses the 2048-d pool features before them
 
 
-class BasicConv2d(nn.Module):
-    """Convolution without bias, batch norm (eps 0.001), ReLU: torchvision's unit and names."""
-
+class BasicConv2d(nn.Module):  # convolution without bias, batch norm (eps 0.001), ReLU
     def __init__(self, cin, cout, **conv):
         super().__init__()
         self.conv = nn.Conv2d(cin, cout, bias=False, **conv)
         self.bn = nn.BatchNorm2d(cout, eps=0.001)
 
-    def forward(self, x):
-        # Inference only: the batch norm (running statistics) folded into the convolution saves
-        # a pass over every activation map, a fifth of the CPU time.
+    def forward(self, x):  # inference only: batch norm folded into the conv, a fifth less time
         c, bn = self.conv, self.bn
         scale = bn.weight * (bn.running_var + bn.eps).rsqrt()
         x = F.conv2d(x, c.weight * scale[:, None, None, None], bn.bias - bn.running_mean * scale,
@@ -73,11 +56,9 @@ class BasicConv2d(nn.Module):
 
 
 avg_pool = functools.partial(F.avg_pool2d, kernel_size=3, stride=1, padding=1)
-tf_avg_pool = functools.partial(F.avg_pool2d, kernel_size=3, stride=1, padding=1,
-                                count_include_pad=False)
+tf_avg_pool = functools.partial(avg_pool, count_include_pad=False)
 tf_max_pool = functools.partial(F.max_pool2d, kernel_size=3, stride=1, padding=1)
-# The TF graph differs from torchvision's Inception3 only in four pool branches (pytorch-fid's
-# "Patch"es).
+# The TF graph differs from torchvision's only in four pool branches (pytorch-fid's "Patch"es).
 POOLS = {"torchvision": dict(A=avg_pool, C=avg_pool, E1=avg_pool, E2=avg_pool),
          "tf": dict(A=tf_avg_pool,    # 1. TF's average pool leaves the padding out of the mean...
                     C=tf_avg_pool,    # 2. ...in InceptionC...
@@ -105,8 +86,7 @@ class InceptionA(nn.Module):
 
     def forward(self, x):
         return torch.cat([self.branch1x1(x), _chain(x, self.branch5x5_1, self.branch5x5_2),
-                          _chain(x, self.branch3x3dbl_1, self.branch3x3dbl_2,
-                                 self.branch3x3dbl_3),
+                          _chain(x, self.branch3x3dbl_1, self.branch3x3dbl_2, self.branch3x3dbl_3),
                           self.branch_pool(self.pool(x))], 1)
 
 
@@ -120,8 +100,7 @@ class InceptionB(nn.Module):
 
     def forward(self, x):
         return torch.cat([self.branch3x3(x),
-                          _chain(x, self.branch3x3dbl_1, self.branch3x3dbl_2,
-                                 self.branch3x3dbl_3),
+                          _chain(x, self.branch3x3dbl_1, self.branch3x3dbl_2, self.branch3x3dbl_3),
                           F.max_pool2d(x, 3, stride=2)], 1)
 
 
@@ -190,8 +169,7 @@ class InceptionE(nn.Module):
 
 
 class InceptionV3(nn.Module):
-    """torchvision's Inception3 up to the 2048-d global average pool ("pool3"): no AuxLogits,
-    no fc."""
+    """torchvision's Inception3 up to the 2048-d global average pool: no AuxLogits, no fc."""
 
     def __init__(self, variant="torchvision"):
         super().__init__()
@@ -218,10 +196,10 @@ class InceptionV3(nn.Module):
         self.avgpool = nn.AdaptiveAvgPool2d(1)
 
     def forward(self, x):
-        """Floats (N, 3, H, W) in [0, 1] -> (N, 2048) pool features, resized and scaled as in
-        pytorch-fid: bilinear to 299x299 (align_corners=False), then 2x - 1."""
+        """Floats (N, 3, H, W) in [0, 1] -> (N, 2048) features, resized and scaled as in
+        pytorch-fid: bilinear to 299x299 (align_corners=False), then to [-1, 1] (both files')."""
         x = F.interpolate(x, size=(299, 299), mode="bilinear", align_corners=False)
-        x = (2 * x - 1).contiguous(memory_format=torch.channels_last)  # both files expect [-1, 1]
+        x = (2 * x - 1).contiguous(memory_format=torch.channels_last)
         return _chain(x, *self.children()).flatten(1)
 
 
@@ -246,14 +224,12 @@ def load_weights(model, state, variant):
 
 
 def network_id(model):
-    """"<variant>-<16 hex digits>": the start of a SHA-256 over the network's tensors (names and
-    float32 bytes, sorted by name), so statistics are keyed by the weights' content, not by a
-    file name that new weights may reuse."""
+    """"<variant>-<16 hex digits of a SHA-256 of the weights' names and bytes>": statistics are
+    keyed by the weights' content, not by a file name that other weights may reuse."""
     h = hashlib.sha256()
     for k, v in sorted(model.state_dict().items()):
-        if not k.endswith("_tracked"):  # a training-step counter, not a weight
-            h.update(k.encode())
-            h.update(v.detach().cpu().contiguous().numpy().tobytes())
+        if not k.endswith("_tracked"):
+            h.update(k.encode() + v.cpu().numpy().tobytes())
     return f"{model.variant}-{h.hexdigest()[:16]}"
 
 
@@ -313,20 +289,16 @@ def feature_stats(model, images, batch_size=200, desc="features", total=None):
     return feats.mean(0), np.cov(feats, rowvar=False)
 
 
-# Relative to the largest |entry| or |eigenvalue|: round-off of np.cov is ~1e-16 of it, of
-# float32-stored statistics ~1e-9; a matrix that is no covariance is off by O(1).
-COV_TOL = 1e-6
+COV_TOL = 1e-6  # of the largest |entry| or eigenvalue: np.cov's round-off ~1e-16, float32's ~1e-9
 
 
 def _check_covariance(s, w, name):
     """Refuse a matrix that is no covariance (w: its eigenvalues, ascending): no FID is defined."""
     if np.abs(s - s.T).max() > COV_TOL * np.abs(s).max():
-        raise DataError(f"{name} is not symmetric, so it is no covariance matrix: recompute the "
-                        "statistics (np.cov of the features).")
+        raise DataError(f"{name} is not symmetric, so no covariance: recompute the statistics")
     if w[0] < -COV_TOL * np.abs(w).max():
         raise DataError(f"{name} has the eigenvalue {w[0]:.3g} (largest {np.abs(w).max():.3g}), "
-                        "beyond round-off, so it is no covariance matrix (positive "
-                        "semi-definite): recompute the statistics.")
+                        "so it is no covariance: recompute the statistics")
 
 
 def frechet_distance(mu1, sigma1, mu2, sigma2):
@@ -342,35 +314,30 @@ def frechet_distance(mu1, sigma1, mu2, sigma2):
     w1, v1 = np.linalg.eigh(s1)
     _check_covariance(s1, w1, "sigma1")
     _check_covariance(s2, np.linalg.eigvalsh(s2), "sigma2")
-    # s1 s2 is similar to sqrt(s1) s2 sqrt(s1) = v1 (r^T s2 r) v1^T with r = v1 sqrt(w1): the same
-    # eigenvalues, but of a symmetric PSD matrix, so eigvalsh finds them real, with errors of
-    # ~1e-16 of the largest (Weyl); round-off below 0 is clipped (its root would be imaginary).
+    # s1 s2 has the eigenvalues of the symmetric PSD r^T s2 r, r = v1 sqrt(w1), which eigvalsh
+    # finds real to ~1e-16 of the largest (Weyl); round-off below 0 is clipped before the root.
     r = v1 * np.sqrt(w1.clip(0))
     tr_covmean = np.sqrt(np.linalg.eigvalsh(r.T @ s2 @ r).clip(0)).sum()
-    diff = mu1 - mu2
-    return float(diff @ diff + np.trace(s1) + np.trace(s2) - 2 * tr_covmean)
+    return float(np.sum((mu1 - mu2) ** 2) + np.trace(s1) + np.trace(s2) - 2 * tr_covmean)
 
 
 def same_network(id_a, id_b, a, b):
-    """Refuse to compare statistics of different networks (their FID measures the networks);
-    statistics without a record (pytorch-fid's, older fid.py's) are accepted with a warning."""
+    """Refuse statistics of different networks (their FID would measure the networks); warn for
+    those without a record (pytorch-fid's, older fid.py's)."""
     if id_a is None or id_b is None:
-        known = f" ({id_a or id_b})" if id_a or id_b else ""
         print(f"warning: {a if id_a is None else b} does not record which Inception weights made "
-              "it (pytorch-fid or an older fid.py wrote it); the FID is meaningful only if both "
-              f"sides come from the same network{known}", file=sys.stderr)
+              "it: the FID is meaningful only if both sides come from the same network",
+              file=sys.stderr)
     elif id_a != id_b:
-        raise DataError(f"{a} comes from Inception {id_a} but {b} from {id_b}: features of "
-                        "different networks are not comparable. Recompute one side with the "
-                        "other's --inception and --inception-weights (or delete a stale "
-                        "statistics file).")
+        raise DataError(f"{a} comes from Inception {id_a} but {b} from {id_b}: not comparable. "
+                        "Recompute one side with the other's --inception and --inception-weights "
+                        "(or delete a stale statistics file)")
 
 
 def save_stats(path, mu, sigma, weights_id):
     """mu and sigma, and the network that made them (`inception` variant, `weights` hash)."""
     if weights_id is None:
-        raise DataError(f"cannot save statistics to {path} without knowing which Inception "
-                        "weights made them: compute them from images with this fid.py.")
+        raise DataError(f"cannot save statistics to {path} without the network that made them")
     variant, digest = weights_id.rsplit("-", 1)
     atomic_write(path, lambda f: np.savez(f, mu=mu, sigma=sigma, inception=variant,
                                           weights=digest))
@@ -387,8 +354,7 @@ def load_stats(path):
 
 
 def cached_stats(path, compute, weights_id):
-    """(mu, sigma) from the .npz at `path` if it exists and was made by `weights_id`; else
-    compute() them and save them there with that record."""
+    """(mu, sigma) from `path` if it exists (made by `weights_id`), else compute() and save."""
     if os.path.exists(path):
         mu, sigma, stored = load_stats(path)
         same_network(stored, weights_id, path, "this network")
@@ -418,19 +384,17 @@ def input_stats(path, get_model, batch_size):
     return *feature_stats(model, batches(), desc=path, total=len(paths)), model.weights_id
 
 
-def bench(variant, batch_size, img_size, device, warmup=1, steps=5):
-    """Images/second of the feature extractor with random weights on one fixed batch."""
+def bench(variant, batch_size, img_size, device):
+    """Print the network's images/second on a random batch (random weights)."""
     model = InceptionV3(variant).to(device, memory_format=torch.channels_last).eval()
     x = torch.rand(batch_size, 3, img_size, img_size, device=device)
     with torch.no_grad(), exact_fp32():
-        seconds_per_call(lambda: model(x), warmup, device)
-        rate = batch_size / seconds_per_call(lambda: model(x), steps, device)
-    cuda = torch.device(device).type == "cuda"
-    print("device:", torch.cuda.get_device_name(device) if cuda
-          else f"cpu, {torch.get_num_threads()} threads")
-    print(f"inception ({variant}, random weights, fp32, channels_last): {rate:.1f} images/s "
-          f"(batch {batch_size}, {img_size}x{img_size} resized to 299x299, {warmup} warm-up + "
-          f"{steps} timed batches)")
+        seconds = [seconds_per_call(lambda: model(x), n, device) for n in (1, 5)]  # warm-up, timed
+    where = (torch.cuda.get_device_name(device) if torch.device(device).type == "cuda"
+             else f"cpu, {torch.get_num_threads()} threads")
+    print(f"{where}: inception ({variant}, fp32, random weights) {batch_size / seconds[1]:.1f} "
+          f"images/s (batch {batch_size}, {img_size}x{img_size} resized to 299x299, 1 warm-up + "
+          "5 timed batches)")
 
 
 def main(argv=None):
