@@ -1,30 +1,19 @@
 """FID (Frechet Inception Distance) in plain PyTorch: the paper's evaluation metric.
 
 The paper scores reconstructions (REC), decoder samples (GEN-1) and two-stage samples (GEN-2) by
-their FID (Heusel et al. 2017) against 10,000 test images (sections 4-5), computed with the TF
-Inception graph of 2015-12-05. Here: an Inception v3 with torchvision's parameter names, so both
-published weight files load into it; feature statistics; the Frechet distance; a command line:
+their FID against 10,000 test images (sections 4-5). Only `--inception tf` (pytorch-fid's port
+of the TF graph of 2015-12-05) gives FIDs comparable with the paper's; torchvision's ImageNet
+weights (the default) give another scale. `python fid.py A B` prints the FID of A vs B (image
+folders or statistics .npz); --save-stats writes statistics, --bench times the network.
 
-    python fid.py A B                      FID of A vs B: folders of images, uint8 (N, H, W, 3)
-                                           arrays in .npy/.npz, or statistics .npz (mu, sigma)
-    python fid.py A --save-stats a.npz     save the statistics of A for later runs
-    python fid.py --bench --batch-size 64  Inception images/second on this device (random weights)
-
-Only `--inception tf` (pytorch-fid's port of the TF graph) gives FIDs comparable with the paper;
-torchvision's ImageNet weights (the default) give FIDs on another scale.
-
-Deviations from pytorch-fid, each checked against it:
-- tr sqrtm(s1 s2) is computed as tr sqrtm(sqrt(s1) s2 sqrt(s1)) (the same eigenvalues) by
-  symmetric eigen-decompositions, round-off below 0 clipped: with fewer images than features,
-  pytorch-fid's sqrtm of the non-symmetric s1 s2 turns round-off into imaginary parts and
-  refuses. Where it gives a value the two agree to round-off. No 1e-6 * I retry: eigh has no
-  singular case. 2 s at 2048-d on 2 CPU cores.
-- Matrices that are no covariances (asymmetric, negative eigenvalues) are refused up front.
-- Statistics files record their network (variant, SHA-256 of the weights): statistics of
-  different networks are not compared, and cached statistics are keyed by it.
-- Speed: channels-last layout, and batch norm folded into the convolutions (inference only).
-- Generated float images are quantised to uint8 first, as the image files pytorch-fid reads are.
-- Fewer images than the 2048 features: a warning (singular covariance; pytorch-fid is silent).
+Deviations from pytorch-fid:
+- tr sqrtm(s1 s2) by symmetric eigh: finite with fewer images than features, where scipy's
+  sqrtm of the non-symmetric s1 s2 turns round-off imaginary and refuses.
+- Matrices that are no covariances are refused: no FID is defined for them.
+- Statistics files record their network: those of different networks are not compared.
+- Batch norm folded into the convolutions, channels-last: faster, the same features.
+- Generated images are quantised to uint8 (by the caller), as the real images' files are.
+- Fewer images than the 2048 features: a warning (singular covariance, the FID biased up).
 """
 import argparse
 import contextlib
@@ -43,28 +32,22 @@ from PIL import Image
 
 from data import DataError, atomic_write, list_images, progress, seconds_per_call
 
-URLS = {
+URLS = {  # torch.hub's check_hash reads the SHA-256 prefix that ends each name (pytorch-fid's:
+    # 6726825d0af5f729cebd5821db510b11b1cfad8faad88a03f1befd49fb9129b2, as projects pin it)
     "torchvision": "https://download.pytorch.org/models/inception_v3_google-0cc3c7bd.pth",
     "tf": "https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
-          "pt_inception-2015-12-05-6726825d.pth",
-}
-# torch.hub's check_hash needs a SHA-256 prefix at the end of the file name; torchvision names its
-# files so, and pytorch-fid's file has one too: its SHA-256, as projects that pin it record, is
-# 6726825d0af5f729cebd5821db510b11b1cfad8faad88a03f1befd49fb9129b2 (95,628,359 bytes).
+          "pt_inception-2015-12-05-6726825d.pth"}
+FC_CLASSES = {"torchvision": 1000, "tf": 1008}  # the classifier sizes tell the two files apart
 IGNORED = ("fc.", "AuxLogits.")  # classifier heads: FID uses the 2048-d pool features before them
 
 
-class BasicConv2d(nn.Module):
-    """Convolution without bias, batch norm (eps 0.001), ReLU: torchvision's unit and names."""
-
+class BasicConv2d(nn.Module):  # convolution without bias, batch norm (eps 0.001), ReLU
     def __init__(self, cin, cout, **conv):
         super().__init__()
         self.conv = nn.Conv2d(cin, cout, bias=False, **conv)
         self.bn = nn.BatchNorm2d(cout, eps=0.001)
 
-    def forward(self, x):
-        # Inference only: the batch norm (running statistics) folded into the convolution saves
-        # a pass over every activation map, a fifth of the CPU time.
+    def forward(self, x):  # inference only: batch norm folded into the conv, a fifth less time
         c, bn = self.conv, self.bn
         scale = bn.weight * (bn.running_var + bn.eps).rsqrt()
         x = F.conv2d(x, c.weight * scale[:, None, None, None], bn.bias - bn.running_mean * scale,
@@ -73,11 +56,9 @@ class BasicConv2d(nn.Module):
 
 
 avg_pool = functools.partial(F.avg_pool2d, kernel_size=3, stride=1, padding=1)
-tf_avg_pool = functools.partial(F.avg_pool2d, kernel_size=3, stride=1, padding=1,
-                                count_include_pad=False)
+tf_avg_pool = functools.partial(avg_pool, count_include_pad=False)
 tf_max_pool = functools.partial(F.max_pool2d, kernel_size=3, stride=1, padding=1)
-# The TF graph differs from torchvision's Inception3 only in four pool branches (pytorch-fid's
-# "Patch"es).
+# The TF graph differs from torchvision's only in four pool branches (pytorch-fid's "Patch"es).
 POOLS = {"torchvision": dict(A=avg_pool, C=avg_pool, E1=avg_pool, E2=avg_pool),
          "tf": dict(A=tf_avg_pool,    # 1. TF's average pool leaves the padding out of the mean...
                     C=tf_avg_pool,    # 2. ...in InceptionC...
@@ -105,8 +86,7 @@ class InceptionA(nn.Module):
 
     def forward(self, x):
         return torch.cat([self.branch1x1(x), _chain(x, self.branch5x5_1, self.branch5x5_2),
-                          _chain(x, self.branch3x3dbl_1, self.branch3x3dbl_2,
-                                 self.branch3x3dbl_3),
+                          _chain(x, self.branch3x3dbl_1, self.branch3x3dbl_2, self.branch3x3dbl_3),
                           self.branch_pool(self.pool(x))], 1)
 
 
@@ -120,8 +100,7 @@ class InceptionB(nn.Module):
 
     def forward(self, x):
         return torch.cat([self.branch3x3(x),
-                          _chain(x, self.branch3x3dbl_1, self.branch3x3dbl_2,
-                                 self.branch3x3dbl_3),
+                          _chain(x, self.branch3x3dbl_1, self.branch3x3dbl_2, self.branch3x3dbl_3),
                           F.max_pool2d(x, 3, stride=2)], 1)
 
 
@@ -190,8 +169,7 @@ class InceptionE(nn.Module):
 
 
 class InceptionV3(nn.Module):
-    """torchvision's Inception3 up to the 2048-d global average pool ("pool3"): no AuxLogits,
-    no fc."""
+    """torchvision's Inception3 up to the 2048-d global average pool: no AuxLogits, no fc."""
 
     def __init__(self, variant="torchvision"):
         super().__init__()
@@ -218,83 +196,61 @@ class InceptionV3(nn.Module):
         self.avgpool = nn.AdaptiveAvgPool2d(1)
 
     def forward(self, x):
-        """Floats (N, 3, H, W) in [0, 1] -> (N, 2048) pool features, resized and scaled as in
-        pytorch-fid: bilinear to 299x299 (align_corners=False), then 2x - 1."""
+        """Floats (N, 3, H, W) in [0, 1] -> (N, 2048) features, resized and scaled as in
+        pytorch-fid: bilinear to 299x299 (align_corners=False), then to [-1, 1] (both files')."""
         x = F.interpolate(x, size=(299, 299), mode="bilinear", align_corners=False)
-        x = (2 * x - 1).contiguous(memory_format=torch.channels_last)  # both files expect [-1, 1]
+        x = (2 * x - 1).contiguous(memory_format=torch.channels_last)
         return _chain(x, *self.children()).flatten(1)
 
 
-FC_CLASSES = {"torchvision": 1000, "tf": 1008}
-
-
 def load_weights(model, state, variant):
-    """Copy a torchvision-named state dict into `model`; refuse a missing name, a stray one, a
-    wrong shape."""
-    def needed(d):  # num_batches_tracked only counts training steps (and not every file has it)
-        return {k: v for k, v in d.items()
-                if not k.startswith(IGNORED) and not k.endswith("_tracked")}
-    have, want = needed(state if isinstance(state, dict) else {}), needed(model.state_dict())
-    problems = [f"missing {k}" for k in want if k not in have]
-    problems += [f"unexpected {k}" for k in have if k not in want]
-    shape = {k: getattr(v, "shape", None) for k, v in have.items()}
-    problems += [f"{k} has shape {tuple(shape[k] or ())}, expected {tuple(v.shape)}"
-                 for k, v in want.items() if k in have and shape[k] != v.shape]
-    # The two files differ only in the classifier (1000 ImageNet classes vs the TF graph's 1008),
-    # which is ignored otherwise; checking it catches a file passed with the wrong --inception.
-    fc, classes = (state.get("fc.weight") if isinstance(state, dict) else None), FC_CLASSES[variant]
-    if fc is not None and getattr(fc, "shape", (classes,))[0] != classes:
-        problems.append(f"fc has {fc.shape[0]} classes, not {classes} "
-                        "(the other --inception variant's file?)")
-    if problems:
-        n = len(problems)
-        raise DataError(f"these are not the {variant} Inception v3 weights ({n} problem"
-                        f"{'s' * (n > 1)}: {'; '.join(problems[:4])}{'; ...' if n > 4 else ''}). "
-                        f"Use the file from {URLS[variant]}, or leave --inception-weights out to "
-                        "download it.")
-    tracked = [k for k in model.state_dict() if k.endswith("_tracked")]  # a step counter: zero
-    model.load_state_dict({**have, **{k: torch.tensor(0) for k in tracked}})  # strict: all set
+    """Copy a torchvision-named state dict into `model`, classifier heads ignored; refuse a file
+    with missing or stray names, wrong shapes, or the other variant's classifier size."""
+    state = state if isinstance(state, dict) else {}
+    problem, fc = None, state.get("fc.weight")
+    if fc is not None and len(fc) != FC_CLASSES[variant]:  # the other variant's file
+        problem = f"fc has {len(fc)} classes, not {FC_CLASSES[variant]}"
+    # num_batches_tracked counts training steps: inference never reads it, not every file has it
+    tracked = {k: torch.tensor(0) for k in model.state_dict() if k.endswith("_tracked")}
+    try:
+        model.load_state_dict({**{k: v for k, v in state.items() if not k.startswith(IGNORED)},
+                               **tracked})
+    except RuntimeError as e:  # torch lists the missing and stray names and the wrong shapes
+        problem = " ".join(str(e).split(":", 1)[1].split())
+    if problem:
+        raise DataError(f"these are not the {variant} Inception v3 weights ({problem[:300]}"
+                        f"{'...' * (len(problem) > 300)}). Use the file from {URLS[variant]}, or "
+                        "leave --inception-weights out to download it.")
 
 
 def network_id(model):
-    """"<variant>-<16 hex digits>": the start of a SHA-256 over the network's tensors (names and
-    float32 bytes, sorted by name), so statistics are keyed by the weights' content, not by a
-    file name that new weights may reuse."""
+    """"<variant>-<16 hex digits of a SHA-256 of the weights' names and bytes>": statistics are
+    keyed by the weights' content, not by a file name that other weights may reuse."""
     h = hashlib.sha256()
     for k, v in sorted(model.state_dict().items()):
-        if not k.endswith("_tracked"):  # a training-step counter, not a weight
-            h.update(k.encode())
-            h.update(v.detach().cpu().contiguous().numpy().tobytes())
+        if not k.endswith("_tracked"):
+            h.update(k.encode() + v.cpu().numpy().tobytes())
     return f"{model.variant}-{h.hexdigest()[:16]}"
 
 
-def default_device():
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
 def load_inception(variant="torchvision", weights_path=None, device=None):
-    """The feature extractor in eval mode: "torchvision" (ImageNet) or "tf" (the FID network of
-    the literature) weights, from `weights_path` or downloaded once into torch.hub's cache.
-    `model.weights_id` names the weights by content (see network_id)."""
-    if variant not in URLS:
-        raise DataError(f"unknown Inception variant {variant!r}: use one of {', '.join(URLS)}")
+    """Eval-mode InceptionV3 with the variant's weights (`weights_path`, else downloaded once
+    into torch.hub's cache) on `device` (default: cuda if available); `.weights_id` names them."""
     try:
         state = (torch.load(weights_path, map_location="cpu", weights_only=True) if weights_path
                  else torch.hub.load_state_dict_from_url(URLS[variant], map_location="cpu",
                                                          check_hash=True, weights_only=True))
     except (OSError, RuntimeError, pickle.UnpicklingError) as e:  # URLError, bad hash or file
-        if weights_path:
-            raise DataError(f"cannot load Inception weights from {weights_path}: {e}") from None
-        raise DataError(f"cannot get the {variant} Inception weights ({e}). Without internet, "
-                        f"download {URLS[variant]} elsewhere and pass it with --inception-weights "
-                        "PATH (weights_path= in Python).") from None
+        raise DataError(f"cannot load Inception weights from {weights_path}: {e}" if weights_path
+                        else f"cannot get the {variant} Inception weights ({e}). Offline, download "
+                        f"{URLS[variant]} elsewhere and pass it with --inception-weights PATH "
+                        "(weights_path= in Python)") from None
     with torch.device("meta"):  # no random initialisation (0.8 s): load_weights sets all
         model = InceptionV3(variant)
-    model.to_empty(device="cpu")
-    load_weights(model, state, variant)
+    load_weights(model.to_empty(device="cpu"), state, variant)
     model.weights_id = network_id(model)
-    model.to(device or default_device(), memory_format=torch.channels_last)
-    return model.eval().requires_grad_(False)
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    return model.to(device, memory_format=torch.channels_last).eval().requires_grad_(False)
 
 
 @contextlib.contextmanager
@@ -308,67 +264,41 @@ def exact_fp32():
         torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
 
 
-def _check_array(a):
-    if a.dtype != np.uint8 or a.ndim != 4 or a.shape[3] != 3:
-        raise DataError(f"expected uint8 images of shape (N, H, W, 3), got {a.dtype} {a.shape} "
-                        "(float images in [0, 1]: save (x * 255).round().astype(np.uint8))")
-    return a
-
-
-def _to_uint8(batch):
-    """A batch as a uint8 (N, 3, H, W) tensor. Float images in [0, 1] are quantised like the
-    8-bit files the real images come from, so generated and real images take the same path."""
-    if isinstance(batch, np.ndarray):
-        # np.array copies a read-only (memory-mapped) batch into memory torch may own
-        return torch.from_numpy(np.array(_check_array(batch))).permute(0, 3, 1, 2)  # channels-last
-    if batch.is_floating_point():
-        if not torch.isfinite(batch).all():
-            raise DataError("the images contain NaN or infinite values (did the model diverge?)")
-        batch = (batch * 255).round().clamp(0, 255).to(torch.uint8)  # to nearest, as files are
-    if batch.dtype != torch.uint8 or batch.ndim != 4 or batch.shape[1] != 3:
-        raise DataError(f"expected float images (N, 3, H, W) in [0, 1], got {batch.dtype} "
-                        f"{tuple(batch.shape)}")
-    return batch
-
-
-def feature_stats(model, images, batch_size=200, device=None, desc="features", total=None):
-    """Float64 mean and covariance (np.cov, N - 1) of the pool features of `images`: uint8
-    (N, H, W, 3) numpy, float (N, 3, H, W) torch in [0, 1], or an iterable of such batches (a
-    generator of samples; `total` images, if given, for the progress line's ETA)."""
-    device = device or next(model.parameters()).device
-    if isinstance(images, (np.ndarray, torch.Tensor)):
+def feature_stats(model, images, batch_size=200, desc="features", total=None):
+    """Float64 mean and covariance (np.cov, N - 1) of the features of uint8 images (N, H, W, 3):
+    an array, or an iterable of such batches (`total` images, if known, for the progress line)."""
+    if isinstance(images, np.ndarray):
         total = len(images)
-        images = [images[i:i + batch_size] for i in range(0, total, batch_size)]
-    feats = []
+        images = [images[i:i + batch_size] for i in range(0, total, batch_size)]  # views
+    device, feats = next(model.parameters()).device, []
     with torch.no_grad(), exact_fp32():
         for batch in progress(images, total, desc):
-            feats.append(model(_to_uint8(batch).to(device).float() / 255).double().cpu())
-    n = sum(len(f) for f in feats)
+            if batch.dtype != np.uint8 or batch.ndim != 4 or batch.shape[3] != 3:
+                raise DataError(f"{desc}: expected uint8 images (N, H, W, 3), not {batch.dtype} "
+                                f"{batch.shape}")
+            x = torch.from_numpy(np.array(batch)).to(device)  # a copy: memmaps are read-only
+            feats.append(model(x.permute(0, 3, 1, 2).float() / 255).double().cpu())
+    n = sum(map(len, feats))
     if n < 2:
-        raise DataError(f"{desc}: {n} image(s); a covariance needs at least 2 (the paper uses "
-                        "10,000)")
+        raise DataError(f"{desc}: {n} image(s); a covariance needs at least 2 (the paper: 10,000)")
     feats = torch.cat(feats).numpy()
     if n < feats.shape[1]:
         print(f"warning: {desc}: {n} images < {feats.shape[1]} features, so the covariance is "
-              "singular; the FID stays finite but is biased up, comparable only at equal N (the "
-              "paper uses 10,000)", file=sys.stderr)
+              "singular and the FID biased up: compare only at equal N (the paper's 10,000)",
+              file=sys.stderr)
     return feats.mean(0), np.cov(feats, rowvar=False)
 
 
-# Relative to the largest |entry| or |eigenvalue|: round-off of np.cov is ~1e-16 of it, of
-# float32-stored statistics ~1e-9; a matrix that is no covariance is off by O(1).
-COV_TOL = 1e-6
+COV_TOL = 1e-6  # of the largest |entry| or eigenvalue: np.cov's round-off ~1e-16, float32's ~1e-9
 
 
 def _check_covariance(s, w, name):
     """Refuse a matrix that is no covariance (w: its eigenvalues, ascending): no FID is defined."""
     if np.abs(s - s.T).max() > COV_TOL * np.abs(s).max():
-        raise DataError(f"{name} is not symmetric, so it is no covariance matrix: recompute the "
-                        "statistics (np.cov of the features).")
+        raise DataError(f"{name} is not symmetric, so no covariance: recompute the statistics")
     if w[0] < -COV_TOL * np.abs(w).max():
         raise DataError(f"{name} has the eigenvalue {w[0]:.3g} (largest {np.abs(w).max():.3g}), "
-                        "beyond round-off, so it is no covariance matrix (positive "
-                        "semi-definite): recompute the statistics.")
+                        "so it is no covariance: recompute the statistics")
 
 
 def frechet_distance(mu1, sigma1, mu2, sigma2):
@@ -384,35 +314,30 @@ def frechet_distance(mu1, sigma1, mu2, sigma2):
     w1, v1 = np.linalg.eigh(s1)
     _check_covariance(s1, w1, "sigma1")
     _check_covariance(s2, np.linalg.eigvalsh(s2), "sigma2")
-    # s1 s2 is similar to sqrt(s1) s2 sqrt(s1) = v1 (r^T s2 r) v1^T with r = v1 sqrt(w1): the same
-    # eigenvalues, but of a symmetric PSD matrix, so eigvalsh finds them real, with errors of
-    # ~1e-16 of the largest (Weyl); round-off below 0 is clipped (its root would be imaginary).
+    # s1 s2 has the eigenvalues of the symmetric PSD r^T s2 r, r = v1 sqrt(w1), which eigvalsh
+    # finds real to ~1e-16 of the largest (Weyl); round-off below 0 is clipped before the root.
     r = v1 * np.sqrt(w1.clip(0))
     tr_covmean = np.sqrt(np.linalg.eigvalsh(r.T @ s2 @ r).clip(0)).sum()
-    diff = mu1 - mu2
-    return float(diff @ diff + np.trace(s1) + np.trace(s2) - 2 * tr_covmean)
+    return float(np.sum((mu1 - mu2) ** 2) + np.trace(s1) + np.trace(s2) - 2 * tr_covmean)
 
 
 def same_network(id_a, id_b, a, b):
-    """Refuse to compare statistics of different networks (their FID measures the networks);
-    statistics without a record (pytorch-fid's, older fid.py's) are accepted with a warning."""
+    """Refuse statistics of different networks (their FID would measure the networks); warn for
+    those without a record (pytorch-fid's, older fid.py's)."""
     if id_a is None or id_b is None:
-        known = f" ({id_a or id_b})" if id_a or id_b else ""
         print(f"warning: {a if id_a is None else b} does not record which Inception weights made "
-              "it (pytorch-fid or an older fid.py wrote it); the FID is meaningful only if both "
-              f"sides come from the same network{known}", file=sys.stderr)
+              "it: the FID is meaningful only if both sides come from the same network",
+              file=sys.stderr)
     elif id_a != id_b:
-        raise DataError(f"{a} comes from Inception {id_a} but {b} from {id_b}: features of "
-                        "different networks are not comparable. Recompute one side with the "
-                        "other's --inception and --inception-weights (or delete a stale "
-                        "statistics file).")
+        raise DataError(f"{a} comes from Inception {id_a} but {b} from {id_b}: not comparable. "
+                        "Recompute one side with the other's --inception and --inception-weights "
+                        "(or delete a stale statistics file)")
 
 
 def save_stats(path, mu, sigma, weights_id):
     """mu and sigma, and the network that made them (`inception` variant, `weights` hash)."""
     if weights_id is None:
-        raise DataError(f"cannot save statistics to {path} without knowing which Inception "
-                        "weights made them: compute them from images with this fid.py.")
+        raise DataError(f"cannot save statistics to {path} without the network that made them")
     variant, digest = weights_id.rsplit("-", 1)
     atomic_write(path, lambda f: np.savez(f, mu=mu, sigma=sigma, inception=variant,
                                           weights=digest))
@@ -428,15 +353,8 @@ def load_stats(path):
         raise DataError(f"cannot read statistics (mu, sigma) from {path}: {e}") from None
 
 
-def stats_cache_name(dataset, split, size, n, weights_id):
-    """File name for cached statistics of real images, naming all they depend on: pass the
-    network's `weights_id` (content-keyed, so new weights under an old name are recomputed)."""
-    return f"fid_stats_{dataset}_{split}_{size}px_n{n}_{weights_id}.npz"
-
-
 def cached_stats(path, compute, weights_id):
-    """(mu, sigma) from the .npz at `path` if it exists and was made by `weights_id`; else
-    compute() them and save them there with that record."""
+    """(mu, sigma) from `path` if it exists (made by `weights_id`), else compute() and save."""
     if os.path.exists(path):
         mu, sigma, stored = load_stats(path)
         same_network(stored, weights_id, path, "this network")
@@ -446,105 +364,68 @@ def cached_stats(path, compute, weights_id):
     return mu, sigma
 
 
-def _read_images(paths):
-    images = []
-    for path in paths:
-        try:
-            with Image.open(path) as im:
-                images.append(np.asarray(im.convert("RGB")))
-        except (OSError, ValueError) as e:  # PIL's UnidentifiedImageError is an OSError
-            raise DataError(f"cannot read image {path}: {e}") from None
-    if len({im.shape for im in images}) > 1:
-        raise DataError(f"images of different sizes near {paths[0]}: resize them to one size first")
-    return np.stack(images)
+def input_stats(path, get_model, batch_size):
+    """(mu, sigma, weights_id) of a statistics .npz, or of a folder of images by get_model()."""
+    if path.endswith(".npz") and os.path.isfile(path):
+        return load_stats(path)
+    paths = list_images(path) if os.path.isdir(path) else []
+    if not paths:
+        raise DataError(f"{path}: neither a statistics .npz (mu, sigma) nor a folder of images")
 
-
-INPUTS = ("a folder of images, a uint8 (N, H, W, 3) array in .npy/.npz, or a statistics .npz "
-          "(mu, sigma)")
-
-
-def input_stats(path, get_model, batch_size, device):
-    """(mu, sigma, weights_id) of a command-line input: a folder of images, a uint8 .npy/.npz
-    array or a statistics .npz (weights_id None if it does not record it)."""
-    if not os.path.exists(path):
-        raise DataError(f"{path} does not exist")
-    total = None
-    if os.path.isdir(path):
-        paths = list_images(path)
-        if not paths:
-            raise DataError(f"no images found in folder {path}")
-        total = len(paths)
-        images = (_read_images(paths[i:i + batch_size]) for i in range(0, total, batch_size))
-    elif path.endswith((".npy", ".npz")):
-        try:
-            data = np.load(path, allow_pickle=False)
-        except (OSError, ValueError, zipfile.BadZipFile) as e:
-            raise DataError(f"cannot read {path}: {e}") from None
-        if isinstance(data, np.lib.npyio.NpzFile):
-            with data:
-                if {"mu", "sigma"} <= set(data.files):
-                    return load_stats(path)
-                if len(data.files) != 1:
-                    raise DataError(f"{path} holds {data.files}: expected mu and sigma, or one "
-                                    "image array")
-                data = data[data.files[0]]
-        images = _check_array(data)  # before loading the weights
-    else:
-        raise DataError(f"{path}: expected {INPUTS}")
+    def batches():
+        for i in range(0, len(paths), batch_size):
+            try:  # PIL's errors name the file; np.stack's, images of different sizes
+                batch = np.stack([np.asarray(Image.open(p).convert("RGB"))
+                                  for p in paths[i:i + batch_size]])
+            except (OSError, ValueError) as e:
+                raise DataError(f"cannot read the images from {paths[i]} on: {e}") from None
+            yield batch
     model = get_model()
-    return (*feature_stats(model, images, batch_size, device, desc=path, total=total),
-            model.weights_id)
+    return *feature_stats(model, batches(), desc=path, total=len(paths)), model.weights_id
 
 
-def bench(variant, batch_size, img_size, device, warmup=1, steps=5):
-    """Images/second of the feature extractor with random weights on one fixed batch."""
+def bench(variant, batch_size, img_size, device):
+    """Print the network's images/second on a random batch (random weights)."""
     model = InceptionV3(variant).to(device, memory_format=torch.channels_last).eval()
     x = torch.rand(batch_size, 3, img_size, img_size, device=device)
     with torch.no_grad(), exact_fp32():
-        seconds_per_call(lambda: model(x), warmup, device)
-        rate = batch_size / seconds_per_call(lambda: model(x), steps, device)
-    cuda = torch.device(device).type == "cuda"
-    print("device:", torch.cuda.get_device_name(device) if cuda
-          else f"cpu, {torch.get_num_threads()} threads")
-    print(f"inception ({variant}, random weights, fp32, channels_last): {rate:.1f} images/s "
-          f"(batch {batch_size}, {img_size}x{img_size} resized to 299x299, {warmup} warm-up + "
-          f"{steps} timed batches)")
+        seconds = [seconds_per_call(lambda: model(x), n, device) for n in (1, 5)]  # warm-up, timed
+    where = (torch.cuda.get_device_name(device) if torch.device(device).type == "cuda"
+             else f"cpu, {torch.get_num_threads()} threads")
+    print(f"{where}: inception ({variant}, fp32, random weights) {batch_size / seconds[1]:.1f} "
+          f"images/s (batch {batch_size}, {img_size}x{img_size} resized to 299x299, 1 warm-up + "
+          "5 timed batches)")
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("a", nargs="?", help=f"first input: {INPUTS}")
-    p.add_argument("b", nargs="?", help="second input, of the same kinds (optional with "
-                                        "--save-stats)")
-    p.add_argument("--save-stats", metavar="OUT.npz", help="save the statistics (mu, sigma) of A")
-    p.add_argument("--inception", choices=list(URLS), default="torchvision",
-                   help="Inception weights: 'tf' is the standard FID network (the TF 2015-12-05 "
-                        "graph as ported by pytorch-fid) and gives the FIDs comparable with the "
-                        "paper and the literature; 'torchvision' (ImageNet weights) gives FIDs "
-                        "on another scale")
-    p.add_argument("--inception-weights", metavar="PATH",
-                   help="load the Inception weights from this local file instead of downloading")
-    p.add_argument("--batch-size", type=int, default=200, help="images per Inception forward pass")
-    p.add_argument("--device", default=default_device(), help="torch device for the network")
-    p.add_argument("--bench", action="store_true",
-                   help="print the Inception images/second on --device (random weights), then exit")
-    p.add_argument("--img-size", type=int, default=32, help="side of the random --bench images")
+    a = p.add_argument
+    a("a", nargs="?", help="a folder of images or a statistics .npz (mu, sigma)")
+    a("b", nargs="?", help="the same, for the other side (optional with --save-stats)")
+    a("--save-stats", metavar="OUT.npz", help="save the statistics (mu, sigma) of A")
+    a("--inception", choices=list(URLS), default="torchvision",
+      help="'tf' (the TF graph as ported by pytorch-fid) gives FIDs comparable with the paper; "
+           "'torchvision' (ImageNet weights) gives FIDs on another scale")
+    a("--inception-weights", metavar="PATH", help="a local weights file instead of the download")
+    a("--batch-size", type=int, default=200, help="images per Inception forward pass")
+    a("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
+    a("--bench", action="store_true", help="print the Inception images/second, then exit")
+    a("--img-size", type=int, default=32, help="side of the random --bench images")
     args = p.parse_args(argv)
     if not args.bench and (args.a is None or (args.b is None and not args.save_stats)):
         p.error("give two inputs A B, or one input and --save-stats OUT.npz (or --bench)")
+    get_model = functools.cache(lambda: load_inception(args.inception, args.inception_weights,
+                                                       args.device))
     try:
         if args.bench:
             bench(args.inception, args.batch_size, args.img_size, args.device)
             return 0
-        # loaded only when an input is not a statistics file: two .npz statistics need no weights
-        get_model = functools.cache(lambda: load_inception(args.inception, args.inception_weights,
-                                                           args.device))
-        mu1, sigma1, id1 = input_stats(args.a, get_model, args.batch_size, args.device)
+        mu1, sigma1, id1 = input_stats(args.a, get_model, args.batch_size)
         if args.save_stats:
             save_stats(args.save_stats, mu1, sigma1, id1)
         if args.b is not None:
-            mu2, sigma2, id2 = input_stats(args.b, get_model, args.batch_size, args.device)
+            mu2, sigma2, id2 = input_stats(args.b, get_model, args.batch_size)
             same_network(id1, id2, args.a, args.b)
             print(f"{frechet_distance(mu1, sigma1, mu2, sigma2):.6f}")
     except DataError as e:
