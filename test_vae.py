@@ -20,7 +20,6 @@ import shutil
 import tarfile
 import urllib.error
 import warnings
-import zipfile
 
 import numpy as np
 import pytest
