@@ -406,7 +406,7 @@ def test_stage2_data_is_the_frozen_encoders_view_of_the_training_set(tiny, tmp_p
         real(self, mu, logsd, *a)
     monkeypatch.setattr(train.Latents, "__init__", spy)
     run("--stage", "2", "--epochs", "1")
-    m1 = train.load_model(os.path.join(out, "stage1.pt"), 1, "cpu")[0].eval()
+    m1 = train.load_model(out, 1, "cpu")[0].eval()
     split = data.load_split("folder", "train", str(tmp_path / "images"), 16)
     x = torch.from_numpy(np.array(data.subset(split, 40, 3))).permute(0, 3, 1, 2).float() / 255
     with torch.no_grad():
@@ -450,7 +450,7 @@ def test_eval_follows_the_protocol(tiny, tmp_path, latent_norm):
     run("--stage", "2", "--epochs", "1")
     run("--eval", "--no-fid", "--n-eval", "25", *(["--latent-norm"] if latent_norm else []))
     res = json.load(open(os.path.join(out, "eval.json")))
-    m1, m2 = (train.load_model(os.path.join(out, f"stage{s}.pt"), s, "cpu")[0].eval()
+    m1, m2 = (train.load_model(out, s, "cpu")[0].eval()
               for s in (1, 2))  # eval mode: batch norm on its moving averages
     # 25 of the 30 test images, drawn from the run's seed 3 (in their order)
     drawn = np.sort(np.random.default_rng(3).choice(30, 25, replace=False))
@@ -595,6 +595,7 @@ def test_non_finite_loss_stops_and_keeps_last_checkpoint(tiny, monkeypatch, caps
     (["--eval", "--resume"], "--eval evaluates the checkpoints"),
     (["--eval", "--inception-weights", "nowhere.pth"], "--inception-weights nowhere.pth: no "),
     (["--latent-dim", "0"], "argument --latent-dim: 0 is not .* at least 1"),
+    (["--num-scale", "6"], "image side 16 must be .*: lower --num-scale"),
     (["--nonsense"], "unrecognized arguments: --nonsense"),
 ])
 def test_bad_flags_fail_at_once_with_one_line(tiny, monkeypatch, capsys, argv, message):

@@ -181,11 +181,11 @@ def checkpoint_path(out, stage):
     return os.path.join(out, f"stage{stage}.pt")
 
 
-def load_checkpoint(path, device):
+def load_checkpoint(out, stage, device):
+    path = checkpoint_path(out, stage)
     if not os.path.exists(path):
-        s = path[-4]  # stage<s>.pt
-        raise DataError(f"no checkpoint at {path}: train stage {s} first (python train.py "
-                        f"--stage {s} with the same --out and data options).")
+        raise DataError(f"no checkpoint at {path}: train stage {stage} first (python train.py "
+                        f"--stage {stage} with the same --out and data options).")
     try:
         return torch.load(path, map_location=device, weights_only=True)
     except Exception as e:  # torch's own message suggests weights_only=False: unsafe advice
@@ -254,13 +254,16 @@ def check_pair(cfg2, ck1, out):
 
 def build(cfg, stage):
     if stage == 1:
-        return vae.VAE(cfg["img_size"], *(cfg[k] for k in ARCH1), gamma=cfg["gamma"])
+        try:
+            return vae.VAE(cfg["img_size"], *(cfg[k] for k in ARCH1), gamma=cfg["gamma"])
+        except ValueError as e:  # too many scales for the image side
+            raise DataError(f"{e}: lower --num-scale") from None
     return vae.SecondStage(cfg["latent_dim"], cfg["second_dim"], cfg["second_depth"],
                            cfg["gamma"])
 
 
-def load_model(path, stage, device):
-    ck = load_checkpoint(path, device)
+def load_model(out, stage, device):
+    ck = load_checkpoint(out, stage, device)
     model = build(ck["config"], stage).to(device, memory_format=torch.channels_last)
     model.load_state_dict(ck["model"])
     return model.eval(), ck
@@ -336,6 +339,9 @@ def train(args):
     stage, dev = args.stage, args.device
     path, cfg, ck, m1 = prepare(args)
     torch.manual_seed(cfg["seed"])
+    model = build(cfg, stage).to(dev, memory_format=torch.channels_last)
+    opt = make_optimizer(model, cfg["lr"], dev)
+    start, history = restore(ck, model, opt)
     split = data.load_split(cfg["dataset"], "train", args.data_dir, cfg["img_size"],
                             cfg["resize"], jpeg=cfg["jpeg"])
     images, fixed = data.subset(split, cfg["limit"], cfg["seed"]), None
@@ -345,9 +351,6 @@ def train(args):
         fixed = batches.x[spread].permute(0, 3, 1, 2).float().div(255)
     else:
         batches = Latents(*encode_all(m1, images, dev), cfg["batch_size"], cfg["seed"])
-    model = build(cfg, stage).to(dev, memory_format=torch.channels_last)
-    opt = make_optimizer(model, cfg["lr"], dev)
-    start, history = restore(ck, model, opt)
     print_start(args, cfg, model, len(images), len(split), start)
     step = make_step(model, opt, cfg, args)
     for epoch in range(start, args.epochs):
@@ -392,8 +395,8 @@ def prepare(args):
     if os.path.exists(path) and not args.resume:
         raise DataError(f"{path} exists: pass --resume to continue it, or delete it / choose "
                         "another --out to start over.")
-    ck = load_checkpoint(path, args.device) if args.resume else None
-    m1, ck1 = load_model(checkpoint_path(out, 1), 1, args.device) if stage == 2 else (None, None)
+    ck = load_checkpoint(out, stage, args.device) if args.resume else None
+    m1, ck1 = load_model(out, 1, args.device) if stage == 2 else (None, None)
     cfg = settle(args, stage, ck, ck1)
     for c in (ck1, ck):  # the data and stage 1 the run was trained on
         cfg |= {k: c["config"][k] for k in ("data_id", "stage1") if c and k in c["config"]}
@@ -579,10 +582,10 @@ def write_pictures(history, m1, m2, fixed, out, tag, seed, grids):
 @torch.no_grad()
 def evaluate(args):
     dev, out = args.device, args.out
-    m1, ck = load_model(checkpoint_path(out, 1), 1, dev)
+    m1, ck = load_model(out, 1, dev)
     m2 = ck2 = None
     if os.path.exists(checkpoint_path(out, 2)):
-        m2, ck2 = load_model(checkpoint_path(out, 2), 2, dev)
+        m2, ck2 = load_model(out, 2, dev)
         check_pair(ck2["config"], ck, out)
     elif args.latent_norm:
         raise DataError("--latent-norm rescales two-stage samples, but there is no stage2.pt")
