@@ -64,116 +64,261 @@ def paper_defaults(dataset, side, stage):
         second_depth=3)
 
 
-# --- Command line: every flag checked before any data is decoded ----------------------------------
-class Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, not argparse's usage block of 35 flags
-        raise DataError(f"{message} (python train.py --help lists the flags)")
+# --- Training (paper section 4): stage 1 on images, stage 2 on stage-1 latents --------------------
+def make_step(model, opt, cfg, args):
+    """One training step: forward (bf16 autocast if asked), eq. 7 + k * eq. 3 (+ l2) in fp32,
+    Adam, then the gamma update. Returns detached (loss, kl, mse), mu and log sigma, without
+    reading anything back to the host."""
+    # On CUDA a batch of 100 small images is bound by kernel launches, not arithmetic: CUDA
+    # graphs ("reduce-overhead") replay the compiled forward and backward with one launch each.
+    cuda = args.device.type == "cuda"
+    net = torch.compile(model, mode="reduce-overhead" if cuda else None) if args.compile else model
+    amp = torch.autocast(args.device.type, torch.bfloat16, enabled=args.amp == "bf16")
+
+    def step(x):
+        if args.compile and cuda:
+            torch.compiler.cudagraph_mark_step_begin()  # the last step's graph outputs are reused
+        with amp:
+            out = net(x)
+        loss, mse, kl = model.loss(x, out, cfg["kl_weight"])  # at the current gamma
+        if cfg["l2"]:
+            loss = loss + cfg["l2"] * model.l2_penalty()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        model.gamma.update(mse.detach())  # after the step: the next batch sees the new gamma
+        # copies: a CUDA graph's outputs are overwritten by its next replay
+        return (torch.stack([loss, kl, mse]).detach(), out[1].detach().float().clone(),
+                out[2].detach().float().clone())
+    return step
 
 
-class Help(argparse.ArgumentDefaultsHelpFormatter):
-    """Defaults shown, except those that depend on the dataset (None): the help says them."""
-
-    def _get_help_string(self, action):
-        return action.help if action.default is None else super()._get_help_string(action)
-
-
-def number(cast, low, high=math.inf, above=False):
-    """An argparse type: a finite number at least `low` (above it if `above`), at most `high`."""
-    def parse(text):
-        v = cast(text)
-        if not (math.isfinite(v) and (v > low if above else v >= low) and v <= high):
-            bound = (f"from {low} to {high}" if high < math.inf
-                     else f"{'above' if above else 'at least'} {low}")
-            raise argparse.ArgumentTypeError(f"{text} is not a finite number {bound}")
-        return v
-    parse.__name__ = cast.__name__  # argparse's "invalid int value: 'x'"
-    return parse
+def make_optimizer(model, lr, device):
+    # Adam with TF1's defaults (paper 4); the fused kernel on CUDA computes the same update.
+    return torch.optim.Adam(model.parameters(), lr=lr, betas=(0.9, 0.999), eps=1e-8,
+                            fused=device.type == "cuda")
 
 
-def image_side(text):
-    v = int(text)
-    if v < 4 or v & (v - 1):
-        raise argparse.ArgumentTypeError(f"{text}: the networks halve the image down to 2x2, so "
-                                         "the side must be a power of two of at least 4")
-    return v
+def lr_at(cfg, epoch):
+    """The initial lr halved every halve_every epochs (paper 4.1): epochs 0..h-1 at lr."""
+    return cfg["lr"] * 0.5 ** (epoch // cfg["halve_every"])
 
 
-def parse_args(argv=None):
-    p = Parser(description="Two-stage VAE with computed gamma (Asperti & Trentin 2020).",
-               formatter_class=Help)
-    a, count, rate = p.add_argument, number(int, 1), number(float, 0, above=True)
-    a("--dataset", default="cifar10", choices=data.DATASETS, help="folder: any image tree")
-    a("--data-dir", default="data", help="where data and caches live; the tree for folder")
-    a("--img-size", type=image_side, help="image side: 32 (cifar10), 64 (celeba); a folder's "
-      "own when its first image is square and a power of two, else 64")
-    a("--resize", choices=data.RESIZE_MODES, help="PIL filter for celeba/folder (paper Fig. 3; "
-      "default bilinear)")
-    a("--jpeg", type=number(int, 1, 95), metavar="Q", help="JPEG round trip at quality Q, as "
-      "the reference preprocessing (75); default lossless")
-    a("--stage", type=int, default=1, choices=(1, 2), help="1: the image VAE; 2: the VAE on "
-      "stage-1 latents")
-    a("--eval", action="store_true", help="evaluate stage1.pt (and stage2.pt) in --out")
-    a("--bench", action="store_true", help="time training steps on synthetic data, then exit")
-    a("--out", help="output folder (default runs/<dataset>)")
-    a("--resume", action="store_true", help="continue from this stage's checkpoint in --out")
-    a("--gamma", choices=sorted(vae.GAMMAS), help="computed (the paper, default) or learned "
-      "(Dai & Wipf)")
-    a("--epochs", type=count, help="total epochs: 700/1400 (cifar10), 70/140 (celeba)")
-    a("--lr", type=rate, help="initial Adam learning rate: 1e-4 (cifar10), 5e-5 (celeba)")
-    a("--halve-every", type=count, help="halve the lr every N epochs: 200/100 (cifar10), "
-      "60/120 (celeba)")
-    a("--batch-size", type=count, help="minibatch size (paper 4: 100)")
-    a("--kl-weight", type=number(float, 0), help="KL weight k: pixels/1024 in stage 1 (4.2), 1 "
-      "in stage 2")
-    a("--l2", type=number(float, 0), help="l2 weight on the resampling kernels: 0 (cifar10), "
-      "0.001 (celeba)")
-    a("--latent-dim", type=count, help="latent variables (paper 4.1: 64)")
-    a("--base-dim", type=count, help="channels of the first scale (32)")
-    a("--fc-dim", type=count, help="width of the encoder's fc scale block (512)")
-    a("--num-scale", type=count, help="encoder scales: log2(side) - 2")
-    a("--block-per-scale", type=count, help="res blocks per scale block (1)")
-    a("--depth-per-block", type=count, help="conv layers per res block (2)")
-    a("--second-dim", type=count, help="stage-2 width: 2048 for sides <= 32, else 4096")
-    a("--second-depth", type=count, help="stage-2 dense layers (3)")
-    a("--limit", type=count, help="train on N training images drawn at random from --seed")
-    a("--seed", type=int, help="random seed (0)")
-    a("--device", help="torch device: cuda if available, else cpu")
-    a("--sample-every", type=count, default=50, help="sample grids every N epochs and the last")
-    a("--amp", default="none", choices=("none", "bf16"), help="bf16 autocast of the networks; "
-      "loss and gamma stay fp32")
-    a("--compile", action=argparse.BooleanOptionalAction, help="torch.compile the networks "
-      "(CUDA graphs on CUDA); default on for stage 1 on CUDA, where it was measured")
-    a("--n-eval", type=count, default=10000, help="--eval: test images and samples (paper)")
-    a("--no-fid", action="store_true", help="--eval: mse and latent statistics only")
-    a("--inception", default="torchvision", choices=("torchvision", "tf"), help="FID weights; "
-      "tf gives FIDs comparable with the paper")
-    a("--inception-weights", help="local Inception weight file (offline machines)")
-    a("--latent-norm", action="store_true", help="--eval: rescale two-stage latents to the "
-      "variance law (paper 4.2)")
-    args = p.parse_args(argv)
-    only_eval = [k for k in ("no_fid", "latent_norm", "inception_weights") if getattr(args, k)]
-    if only_eval and not args.eval:
-        p.error(f"--{flag(only_eval[0])} applies to --eval only: add --eval")
-    if args.eval and (args.resume or args.bench or args.stage == 2):
-        p.error("--eval evaluates the checkpoints in --out: drop --resume, --bench and --stage")
-    if args.inception_weights and not os.path.isfile(args.inception_weights):
-        p.error(f"--inception-weights {args.inception_weights}: no such file")
-    if args.out and os.path.isfile(args.out):
-        p.error(f"--out {args.out} is a file: name a folder")
-    args.out = args.out or os.path.join("runs", args.dataset)
-    try:
-        args.device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    except RuntimeError:
-        p.error(f"--device {args.device} is not a torch device (cpu, cuda, cuda:1, mps)")
-    if args.device.type == "cuda" and (args.device.index or 0) >= torch.cuda.device_count():
-        p.error(f"--device {args.device}: this torch sees {torch.cuda.device_count()} CUDA devices "
-                f"(CUDA build: {torch.version.cuda or 'none'}); leave --device out to use the CPU, "
-                "or install torch's CUDA build (README)")
-    return args
+def train(args):
+    stage, dev = args.stage, args.device
+    path, cfg, ck, m1 = prepare(args)
+    torch.manual_seed(cfg["seed"])
+    model = build(cfg, stage).to(dev, memory_format=torch.channels_last)
+    opt = make_optimizer(model, cfg["lr"], dev)
+    start, history = restore(ck, model, opt)
+    split = data.load_split(cfg["dataset"], "train", args.data_dir, cfg["img_size"],
+                            cfg["resize"], jpeg=cfg["jpeg"])
+    images, fixed = data.subset(split, cfg["limit"], cfg["seed"]), None
+    if stage == 1:
+        batches = data.Batches(images, cfg["batch_size"], dev, seed=cfg["seed"])
+        spread = torch.linspace(0, len(images) - 1, 32, device=dev).long()  # the recon grids'
+        fixed = batches.x[spread].permute(0, 3, 1, 2).float().div(255)
+    else:
+        batches = Latents(*encode_all(m1, images, dev), cfg["batch_size"], cfg["seed"])
+    print_start(args, cfg, model, len(images), len(split), start)
+    step = make_step(model, opt, cfg, args)
+    for epoch in range(start, args.epochs):
+        lr = lr_at(cfg, epoch)
+        for group in opt.param_groups:
+            group["lr"] = lr
+        t0 = time.time()
+        model.train()
+        rec, mus, logsds = [], [], []  # kept on the device, read back once per epoch
+        todo = len(batches) * cfg["batch_size"]
+        for x in data.progress(batches.epoch(epoch), todo, f"stage {stage} epoch {epoch + 1}/"
+                               f"{args.epochs}", leave=False):
+            r, mu, logsd = step(x)  # eq. 7 + k * eq. 3, Adam, then the gamma update
+            rec.append(r), mus.append(mu), logsds.append(logsd)
+        loss, kl, mse = torch.stack(rec).mean(0).tolist()
+        if not math.isfinite(loss):
+            raise DataError(f"non-finite loss in epoch {epoch + 1}; training stopped and {path} "
+                            "keeps the last finished epoch (if any): try a lower --lr or --amp "
+                            "none.")
+        stats, e_var = vae.latent_summary(torch.cat(mus), torch.cat(logsds))  # eq. 6, fn. 3
+        seconds = time.time() - t0
+        row = dict(stage=stage, epoch=epoch + 1, loss=loss, kl=kl, mse=mse,
+                   gamma=model.gamma().item(), **stats, lr=lr, seconds=seconds,
+                   images_per_s=todo / seconds, latent_var=[round(v, 5) for v in e_var.tolist()])
+        history.append(row)
+        save_checkpoint(path, cfg, model, opt, epoch + 1, history)
+        print(f"stage {stage} epoch {epoch + 1}/{args.epochs}  loss {loss:.2f}  mse {mse:.5f}  "
+              f"kl {kl:.2f}  gamma {row['gamma']:.4f}  var_law {row['var_law']:.3f}  inactive "
+              f"{row['inactive']}/{len(e_var)} (E[sigma]: {row['inactive_code']})  lr {lr:.2e}  "
+              f"{todo / seconds:.0f} img/s  {seconds:.1f}s", flush=True)
+        model.eval()
+        grids = (epoch + 1) % args.sample_every == 0 or epoch + 1 == args.epochs
+        write_pictures(history, m1 or model, model if m1 else None, fixed, args.out,
+                       f"{'stage2_' if m1 else ''}e{epoch + 1:04d}", cfg["seed"], grids)
 
 
-def flag(key):
-    return key.replace("_", "-")
+class Latents:
+    """Stage-2 data (Dai & Wipf): the training set encoded once by the frozen stage-1 encoder;
+    every epoch a fresh z = mu + sigma * eps, shuffled, in minibatches."""
+
+    def __init__(self, mu, logsd, batch_size, seed):
+        self.mu, self.sd, self.batch_size, self.seed = mu, logsd.exp(), batch_size, seed
+        if len(self) == 0:
+            raise DataError(f"{len(mu)} training images do not make one batch of {batch_size}: "
+                            "lower --batch-size")
+
+    def __len__(self):
+        return len(self.mu) // self.batch_size
+
+    def epoch(self, e):
+        g = data.epoch_generator(self.seed, e)
+        z = self.mu + self.sd * vae.randn(g, *self.mu.shape, device=self.mu.device)
+        perm = torch.randperm(len(z), generator=g).to(z.device)
+        return z[perm].split(self.batch_size)[:len(self)]
+
+
+@torch.no_grad()
+def encode_all(model, images, device):
+    mu, logsd = zip(*map(model.encode, data.Batches(images, 500, device, False, False).epoch(0)))
+    return torch.cat(mu), torch.cat(logsd)
+
+
+def prepare(args):
+    """This stage's checkpoint path, the run's configuration, the checkpoint to resume (or None)
+    and for stage 2 the frozen stage-1 model, all checked against each other and the data."""
+    stage, out = args.stage, args.out
+    path = checkpoint_path(out, stage)
+    if os.path.exists(path) and not args.resume:
+        raise DataError(f"{path} exists: pass --resume to continue it, or delete it / choose "
+                        "another --out to start over.")
+    ck = load_checkpoint(out, stage, args.device) if args.resume else None
+    m1, ck1 = load_model(out, 1, args.device) if stage == 2 else (None, None)
+    cfg = settle(args, stage, ck, ck1)
+    for c in (ck1, ck):  # the data and stage 1 the run was trained on
+        cfg |= {k: c["config"][k] for k in ("data_id", "stage1") if c and k in c["config"]}
+    check_data(cfg, args.data_dir, checkpoint_path(out, 1) if ck1 and not ck else path)
+    if stage == 2:
+        check_pair(cfg, ck1, out)
+    if ck and ck["epoch"] >= args.epochs:
+        raise DataError(f"{path} has trained {ck['epoch']} epochs already: pass a larger --epochs "
+                        "(the stage's total) to train more")
+    return path, cfg, ck, m1
+
+
+def restore(ck, model, opt):
+    """(epoch, metric rows) to continue from: a checkpoint's, with its weights (gamma's estimate
+    included), Adam's moments and the RNG state; (0, []) for a new run."""
+    if ck is None:
+        return 0, []
+    model.load_state_dict(ck["model"])
+    opt.load_state_dict(ck["optimizer"])
+    torch.set_rng_state(ck["rng"]["cpu"])
+    dev = next(model.parameters()).device
+    if dev.type == "cuda" and "cuda" in ck["rng"]:
+        torch.cuda.set_rng_state(ck["rng"]["cuda"], dev)
+    return ck["epoch"], ck["history"]
+
+
+def save_checkpoint(path, cfg, model, opt, epoch, history):
+    """The checkpoint, then metrics.jsonl rewritten from it: the earlier stages' lines and this
+    stage's rows. Each is written beside and renamed, so a kill at any moment leaves both whole
+    and in agreement."""
+    rng = {"cpu": torch.get_rng_state()}
+    dev = next(model.parameters()).device
+    if dev.type == "cuda":
+        rng["cuda"] = torch.cuda.get_rng_state(dev)
+    state = dict(config=cfg, model=model.state_dict(), optimizer=opt.state_dict(), epoch=epoch,
+                 rng=rng, history=history)
+    data.atomic_write(path, lambda f: torch.save(state, f))
+    metrics, stage = os.path.join(os.path.dirname(path), "metrics.jsonl"), history[0]["stage"]
+    rows = []
+    if os.path.exists(metrics):
+        with open(metrics) as f:
+            rows = [r for r in map(json.loads, f) if r["stage"] < stage]
+    lines = "".join(json.dumps(r) + "\n" for r in rows + history)
+    data.atomic_write(metrics, lambda f: f.write(lines.encode()))
+
+
+def print_start(args, cfg, model, n, n_split, start):
+    """One line before the first step: what runs where, and from which point."""
+    dev, side = args.device, cfg["img_size"]
+    where = (torch.cuda.get_device_name(dev) if dev.type == "cuda"
+             else f"{torch.get_num_threads()} threads")
+    drawn = f" of {n_split} (drawn from seed {cfg['seed']})" if n < n_split else ""
+    why = f" ({cfg['img_size_why']})" if cfg.get("img_size_why") else ""
+    params = sum(p.numel() for p in model.parameters())
+    at = f"resuming at epoch {start + 1}" if start else "new run"
+    print(f"stage {args.stage} on {dev} ({where}): {cfg['dataset']} {n}{drawn} train images "
+          f"{side}x{side}{why}, {params:,} parameters, {cfg['gamma']} gamma, lr {cfg['lr']:g}, "
+          f"batch {cfg['batch_size']}, {at}, {args.epochs} epochs in all; out {args.out}",
+          flush=True)
+
+
+# --- Evaluation (paper 4-5): REC, GEN-1, GEN-2 FID on 10,000 test images, mse, eq. 6, footnote 3 --
+@torch.no_grad()
+def evaluate(args):
+    dev, out = args.device, args.out
+    m1, ck = load_model(out, 1, dev)
+    m2 = ck2 = None
+    if os.path.exists(checkpoint_path(out, 2)):
+        m2, ck2 = load_model(out, 2, dev)
+        check_pair(ck2["config"], ck, out)
+    elif args.latent_norm:
+        raise DataError("--latent-norm rescales two-stage samples, but there is no stage2.pt")
+    cfg = settle(args, 1, ck1=ck) | {"data_id": ck["config"]["data_id"]}
+    check_data(cfg, args.data_dir, checkpoint_path(out, 1))
+    split = data.load_split(cfg["dataset"], "test", args.data_dir, cfg["img_size"],
+                            cfg["resize"], jpeg=cfg["jpeg"])
+    # n test images drawn from the seed when the split is larger: a folder sorted by class, or
+    # CelebA's 19,962, of which the released code evaluates a random 10,000
+    n = min(args.n_eval, len(split))
+    test = data.subset(split, n, cfg["seed"]) if n < len(split) else split
+    g = torch.Generator().manual_seed(cfg["seed"])
+    recon, mus, logsds, sse = [], [], [], 0
+    for x in data.Batches(test, 500, dev, shuffle=False, drop_last=False).epoch(0):
+        r, mu, logsd = vae.reconstruct(m1, x, g)  # REC: a sampled z decoded, as released
+        sse = sse + (x - r).square().sum()  # on the device; read once below
+        recon.append(data.to_uint8(r)), mus.append(mu), logsds.append(logsd)
+    stats, e_var = vae.latent_summary(torch.cat(mus), torch.cat(logsds))
+    sets = dict(rec=np.concatenate(recon),  # GEN-1: z ~ N(0, I)
+                gen1=decode_all(m1, vae.sample_latents(m1, None, n, g, dev)))
+    if m2 is not None:  # GEN-2: u ~ N(0, I) -> stage-2 decoder -> z -> stage-1 decoder
+        z = vae.sample_latents(m1, m2, n, g, dev)
+        if args.latent_norm:  # paper 4.2: mean per-latent std of generated z := sqrt(var law)
+            z = z * (math.sqrt(stats["var_law"]) / z.std(0).mean())
+        sets["gen2"] = decode_all(m1, z)
+    res = dict(rec_fid=None, gen1_fid=None, gen2_fid=None, mse=sse.item() / test.size, **stats,
+               n=n, inception=None if args.no_fid else args.inception, inception_weights=None,
+               latent_norm=args.latent_norm, epochs=ck["epoch"], epochs2=ck2 and ck2["epoch"])
+    if not args.no_fid:
+        import fid
+        net = fid.load_inception(args.inception, args.inception_weights, dev)
+        res["inception_weights"] = net.weights_id  # FIDs compare only under the same weights
+        which = (f"test-{cfg['resize']}" + f"-jpeg{cfg['jpeg']}" * bool(cfg["jpeg"])
+                 + f"-seed{cfg['seed']}" * (n < len(split)))
+        name = f"fid_stats_{cfg['dataset']}_{which}_{cfg['img_size']}px_n{n}_{net.weights_id}.npz"
+        # beside the split's own cache (never inside a user's image folder)
+        real = fid.cached_stats(os.path.join(os.path.dirname(split.filename), name),
+                                lambda: fid.feature_stats(net, test, desc="FID real"),
+                                net.weights_id)
+        for k, imgs in sets.items():
+            res[f"{k}_fid"] = fid.frechet_distance(*real, *fid.feature_stats(
+                net, imgs, desc=f"FID {k}"))
+    pick = np.linspace(0, n - 1, 32).astype(int)  # spread over a split sorted by class
+    sets["recon"] = side_by_side(test[pick], sets.pop("rec")[pick])
+    for k, imgs in sets.items():
+        data.save_grid(imgs[:64], os.path.join(out, f"eval_{k}.png"))
+    text = json.dumps(res, indent=1).encode()
+    data.atomic_write(os.path.join(out, "eval.json"), lambda f: f.write(text))
+    f, k = (lambda v: "-" if v is None else f"{v:.1f}"), len(e_var)
+    print(f"{'epochs':>8} {'REC':>6} {'GEN-1':>6} {'GEN-2':>6} {'mse':>7} {'var.law':>8} "
+          f"{'inactive':>9}   (n={n}, FID: {res['inception'] or 'skipped'}"
+          f"{', latent norm' if args.latent_norm else ''})")
+    print(f"{res['epochs']:>8} {f(res['rec_fid']):>6} {f(res['gen1_fid']):>6} "
+          f"{f(res['gen2_fid']):>6} {res['mse']:7.4f} {res['var_law']:8.3f} "
+          f"{res['inactive']:>6}/{k}   E[sigma^2], the paper's definition")
+    print(f"{'':>37} {res['var_law_code']:8.3f} {res['inactive_code']:>6}/{k}   E[sigma], "
+          "as the released code computes them")
+    return res
 
 
 # --- Checkpoints: a run's pieces belong together --------------------------------------------------
@@ -267,195 +412,6 @@ def load_model(out, stage, device):
     model = build(ck["config"], stage).to(device, memory_format=torch.channels_last)
     model.load_state_dict(ck["model"])
     return model.eval(), ck
-
-
-# --- Training (paper section 4): stage 1 on images, stage 2 on stage-1 latents --------------------
-class Latents:
-    """Stage-2 data (Dai & Wipf): the training set encoded once by the frozen stage-1 encoder;
-    every epoch a fresh z = mu + sigma * eps, shuffled, in minibatches."""
-
-    def __init__(self, mu, logsd, batch_size, seed):
-        self.mu, self.sd, self.batch_size, self.seed = mu, logsd.exp(), batch_size, seed
-        if len(self) == 0:
-            raise DataError(f"{len(mu)} training images do not make one batch of {batch_size}: "
-                            "lower --batch-size")
-
-    def __len__(self):
-        return len(self.mu) // self.batch_size
-
-    def epoch(self, e):
-        g = data.epoch_generator(self.seed, e)
-        z = self.mu + self.sd * vae.randn(g, *self.mu.shape, device=self.mu.device)
-        perm = torch.randperm(len(z), generator=g).to(z.device)
-        return z[perm].split(self.batch_size)[:len(self)]
-
-
-@torch.no_grad()
-def encode_all(model, images, device):
-    mu, logsd = zip(*map(model.encode, data.Batches(images, 500, device, False, False).epoch(0)))
-    return torch.cat(mu), torch.cat(logsd)
-
-
-def make_step(model, opt, cfg, args):
-    """One training step: forward (bf16 autocast if asked), eq. 7 + k * eq. 3 (+ l2) in fp32,
-    Adam, then the gamma update. Returns detached (loss, kl, mse), mu and log sigma, without
-    reading anything back to the host."""
-    # On CUDA a batch of 100 small images is bound by kernel launches, not arithmetic: CUDA
-    # graphs ("reduce-overhead") replay the compiled forward and backward with one launch each.
-    cuda = args.device.type == "cuda"
-    net = torch.compile(model, mode="reduce-overhead" if cuda else None) if args.compile else model
-    amp = torch.autocast(args.device.type, torch.bfloat16, enabled=args.amp == "bf16")
-
-    def step(x):
-        if args.compile and cuda:
-            torch.compiler.cudagraph_mark_step_begin()  # the last step's graph outputs are reused
-        with amp:
-            out = net(x)
-        loss, mse, kl = model.loss(x, out, cfg["kl_weight"])  # at the current gamma
-        if cfg["l2"]:
-            loss = loss + cfg["l2"] * model.l2_penalty()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        model.gamma.update(mse.detach())  # after the step: the next batch sees the new gamma
-        # copies: a CUDA graph's outputs are overwritten by its next replay
-        return (torch.stack([loss, kl, mse]).detach(), out[1].detach().float().clone(),
-                out[2].detach().float().clone())
-    return step
-
-
-def make_optimizer(model, lr, device):
-    # Adam with TF1's defaults (paper 4); the fused kernel on CUDA computes the same update.
-    return torch.optim.Adam(model.parameters(), lr=lr, betas=(0.9, 0.999), eps=1e-8,
-                            fused=device.type == "cuda")
-
-
-def lr_at(cfg, epoch):
-    """The initial lr halved every halve_every epochs (paper 4.1): epochs 0..h-1 at lr."""
-    return cfg["lr"] * 0.5 ** (epoch // cfg["halve_every"])
-
-
-def train(args):
-    stage, dev = args.stage, args.device
-    path, cfg, ck, m1 = prepare(args)
-    torch.manual_seed(cfg["seed"])
-    model = build(cfg, stage).to(dev, memory_format=torch.channels_last)
-    opt = make_optimizer(model, cfg["lr"], dev)
-    start, history = restore(ck, model, opt)
-    split = data.load_split(cfg["dataset"], "train", args.data_dir, cfg["img_size"],
-                            cfg["resize"], jpeg=cfg["jpeg"])
-    images, fixed = data.subset(split, cfg["limit"], cfg["seed"]), None
-    if stage == 1:
-        batches = data.Batches(images, cfg["batch_size"], dev, seed=cfg["seed"])
-        spread = torch.linspace(0, len(images) - 1, 32, device=dev).long()  # the recon grids'
-        fixed = batches.x[spread].permute(0, 3, 1, 2).float().div(255)
-    else:
-        batches = Latents(*encode_all(m1, images, dev), cfg["batch_size"], cfg["seed"])
-    print_start(args, cfg, model, len(images), len(split), start)
-    step = make_step(model, opt, cfg, args)
-    for epoch in range(start, args.epochs):
-        lr = lr_at(cfg, epoch)
-        for group in opt.param_groups:
-            group["lr"] = lr
-        t0 = time.time()
-        model.train()
-        rec, mus, logsds = [], [], []  # kept on the device, read back once per epoch
-        todo = len(batches) * cfg["batch_size"]
-        for x in data.progress(batches.epoch(epoch), todo, f"stage {stage} epoch {epoch + 1}/"
-                               f"{args.epochs}", leave=False):
-            r, mu, logsd = step(x)  # eq. 7 + k * eq. 3, Adam, then the gamma update
-            rec.append(r), mus.append(mu), logsds.append(logsd)
-        loss, kl, mse = torch.stack(rec).mean(0).tolist()
-        if not math.isfinite(loss):
-            raise DataError(f"non-finite loss in epoch {epoch + 1}; training stopped and {path} "
-                            "keeps the last finished epoch (if any): try a lower --lr or --amp "
-                            "none.")
-        stats, e_var = vae.latent_summary(torch.cat(mus), torch.cat(logsds))  # eq. 6, fn. 3
-        seconds = time.time() - t0
-        row = dict(stage=stage, epoch=epoch + 1, loss=loss, kl=kl, mse=mse,
-                   gamma=model.gamma().item(), **stats, lr=lr, seconds=seconds,
-                   images_per_s=todo / seconds, latent_var=[round(v, 5) for v in e_var.tolist()])
-        history.append(row)
-        save_checkpoint(path, cfg, model, opt, epoch + 1, history)
-        print(f"stage {stage} epoch {epoch + 1}/{args.epochs}  loss {loss:.2f}  mse {mse:.5f}  "
-              f"kl {kl:.2f}  gamma {row['gamma']:.4f}  var_law {row['var_law']:.3f}  inactive "
-              f"{row['inactive']}/{len(e_var)} (E[sigma]: {row['inactive_code']})  lr {lr:.2e}  "
-              f"{todo / seconds:.0f} img/s  {seconds:.1f}s", flush=True)
-        model.eval()
-        grids = (epoch + 1) % args.sample_every == 0 or epoch + 1 == args.epochs
-        write_pictures(history, m1 or model, model if m1 else None, fixed, args.out,
-                       f"{'stage2_' if m1 else ''}e{epoch + 1:04d}", cfg["seed"], grids)
-
-
-def prepare(args):
-    """This stage's checkpoint path, the run's configuration, the checkpoint to resume (or None)
-    and for stage 2 the frozen stage-1 model, all checked against each other and the data."""
-    stage, out = args.stage, args.out
-    path = checkpoint_path(out, stage)
-    if os.path.exists(path) and not args.resume:
-        raise DataError(f"{path} exists: pass --resume to continue it, or delete it / choose "
-                        "another --out to start over.")
-    ck = load_checkpoint(out, stage, args.device) if args.resume else None
-    m1, ck1 = load_model(out, 1, args.device) if stage == 2 else (None, None)
-    cfg = settle(args, stage, ck, ck1)
-    for c in (ck1, ck):  # the data and stage 1 the run was trained on
-        cfg |= {k: c["config"][k] for k in ("data_id", "stage1") if c and k in c["config"]}
-    check_data(cfg, args.data_dir, checkpoint_path(out, 1) if ck1 and not ck else path)
-    if stage == 2:
-        check_pair(cfg, ck1, out)
-    if ck and ck["epoch"] >= args.epochs:
-        raise DataError(f"{path} has trained {ck['epoch']} epochs already: pass a larger --epochs "
-                        "(the stage's total) to train more")
-    return path, cfg, ck, m1
-
-
-def restore(ck, model, opt):
-    """(epoch, metric rows) to continue from: a checkpoint's, with its weights (gamma's estimate
-    included), Adam's moments and the RNG state; (0, []) for a new run."""
-    if ck is None:
-        return 0, []
-    model.load_state_dict(ck["model"])
-    opt.load_state_dict(ck["optimizer"])
-    torch.set_rng_state(ck["rng"]["cpu"])
-    dev = next(model.parameters()).device
-    if dev.type == "cuda" and "cuda" in ck["rng"]:
-        torch.cuda.set_rng_state(ck["rng"]["cuda"], dev)
-    return ck["epoch"], ck["history"]
-
-
-def save_checkpoint(path, cfg, model, opt, epoch, history):
-    """The checkpoint, then metrics.jsonl rewritten from it: the earlier stages' lines and this
-    stage's rows. Each is written beside and renamed, so a kill at any moment leaves both whole
-    and in agreement."""
-    rng = {"cpu": torch.get_rng_state()}
-    dev = next(model.parameters()).device
-    if dev.type == "cuda":
-        rng["cuda"] = torch.cuda.get_rng_state(dev)
-    state = dict(config=cfg, model=model.state_dict(), optimizer=opt.state_dict(), epoch=epoch,
-                 rng=rng, history=history)
-    data.atomic_write(path, lambda f: torch.save(state, f))
-    metrics, stage = os.path.join(os.path.dirname(path), "metrics.jsonl"), history[0]["stage"]
-    rows = []
-    if os.path.exists(metrics):
-        with open(metrics) as f:
-            rows = [r for r in map(json.loads, f) if r["stage"] < stage]
-    lines = "".join(json.dumps(r) + "\n" for r in rows + history)
-    data.atomic_write(metrics, lambda f: f.write(lines.encode()))
-
-
-def print_start(args, cfg, model, n, n_split, start):
-    """One line before the first step: what runs where, and from which point."""
-    dev, side = args.device, cfg["img_size"]
-    where = (torch.cuda.get_device_name(dev) if dev.type == "cuda"
-             else f"{torch.get_num_threads()} threads")
-    drawn = f" of {n_split} (drawn from seed {cfg['seed']})" if n < n_split else ""
-    why = f" ({cfg['img_size_why']})" if cfg.get("img_size_why") else ""
-    params = sum(p.numel() for p in model.parameters())
-    at = f"resuming at epoch {start + 1}" if start else "new run"
-    print(f"stage {args.stage} on {dev} ({where}): {cfg['dataset']} {n}{drawn} train images "
-          f"{side}x{side}{why}, {params:,} parameters, {cfg['gamma']} gamma, lr {cfg['lr']:g}, "
-          f"batch {cfg['batch_size']}, {at}, {args.epochs} epochs in all; out {args.out}",
-          flush=True)
 
 
 # --- Pictures (Pillow only): sample grids, the latent-variance heatmap (Fig. 6-7), gamma ----------
@@ -578,72 +534,116 @@ def write_pictures(history, m1, m2, fixed, out, tag, seed, grids):
     data.save_grid(decode_all(m1, z), os.path.join(out, f"samples_{tag}.png"))
 
 
-# --- Evaluation (paper 4-5): REC, GEN-1, GEN-2 FID on 10,000 test images, mse, eq. 6, footnote 3 --
-@torch.no_grad()
-def evaluate(args):
-    dev, out = args.device, args.out
-    m1, ck = load_model(out, 1, dev)
-    m2 = ck2 = None
-    if os.path.exists(checkpoint_path(out, 2)):
-        m2, ck2 = load_model(out, 2, dev)
-        check_pair(ck2["config"], ck, out)
-    elif args.latent_norm:
-        raise DataError("--latent-norm rescales two-stage samples, but there is no stage2.pt")
-    cfg = settle(args, 1, ck1=ck) | {"data_id": ck["config"]["data_id"]}
-    check_data(cfg, args.data_dir, checkpoint_path(out, 1))
-    split = data.load_split(cfg["dataset"], "test", args.data_dir, cfg["img_size"],
-                            cfg["resize"], jpeg=cfg["jpeg"])
-    # n test images drawn from the seed when the split is larger: a folder sorted by class, or
-    # CelebA's 19,962, of which the released code evaluates a random 10,000
-    n = min(args.n_eval, len(split))
-    test = data.subset(split, n, cfg["seed"]) if n < len(split) else split
-    g = torch.Generator().manual_seed(cfg["seed"])
-    recon, mus, logsds, sse = [], [], [], 0
-    for x in data.Batches(test, 500, dev, shuffle=False, drop_last=False).epoch(0):
-        r, mu, logsd = vae.reconstruct(m1, x, g)  # REC: a sampled z decoded, as released
-        sse = sse + (x - r).square().sum()  # on the device; read once below
-        recon.append(data.to_uint8(r)), mus.append(mu), logsds.append(logsd)
-    stats, e_var = vae.latent_summary(torch.cat(mus), torch.cat(logsds))
-    sets = dict(rec=np.concatenate(recon),  # GEN-1: z ~ N(0, I)
-                gen1=decode_all(m1, vae.sample_latents(m1, None, n, g, dev)))
-    if m2 is not None:  # GEN-2: u ~ N(0, I) -> stage-2 decoder -> z -> stage-1 decoder
-        z = vae.sample_latents(m1, m2, n, g, dev)
-        if args.latent_norm:  # paper 4.2: mean per-latent std of generated z := sqrt(var law)
-            z = z * (math.sqrt(stats["var_law"]) / z.std(0).mean())
-        sets["gen2"] = decode_all(m1, z)
-    res = dict(rec_fid=None, gen1_fid=None, gen2_fid=None, mse=sse.item() / test.size, **stats,
-               n=n, inception=None if args.no_fid else args.inception, inception_weights=None,
-               latent_norm=args.latent_norm, epochs=ck["epoch"], epochs2=ck2 and ck2["epoch"])
-    if not args.no_fid:
-        import fid
-        net = fid.load_inception(args.inception, args.inception_weights, dev)
-        res["inception_weights"] = net.weights_id  # FIDs compare only under the same weights
-        which = (f"test-{cfg['resize']}" + f"-jpeg{cfg['jpeg']}" * bool(cfg["jpeg"])
-                 + f"-seed{cfg['seed']}" * (n < len(split)))
-        name = f"fid_stats_{cfg['dataset']}_{which}_{cfg['img_size']}px_n{n}_{net.weights_id}.npz"
-        # beside the split's own cache (never inside a user's image folder)
-        real = fid.cached_stats(os.path.join(os.path.dirname(split.filename), name),
-                                lambda: fid.feature_stats(net, test, desc="FID real"),
-                                net.weights_id)
-        for k, imgs in sets.items():
-            res[f"{k}_fid"] = fid.frechet_distance(*real, *fid.feature_stats(
-                net, imgs, desc=f"FID {k}"))
-    pick = np.linspace(0, n - 1, 32).astype(int)  # spread over a split sorted by class
-    sets["recon"] = side_by_side(test[pick], sets.pop("rec")[pick])
-    for k, imgs in sets.items():
-        data.save_grid(imgs[:64], os.path.join(out, f"eval_{k}.png"))
-    text = json.dumps(res, indent=1).encode()
-    data.atomic_write(os.path.join(out, "eval.json"), lambda f: f.write(text))
-    f, k = (lambda v: "-" if v is None else f"{v:.1f}"), len(e_var)
-    print(f"{'epochs':>8} {'REC':>6} {'GEN-1':>6} {'GEN-2':>6} {'mse':>7} {'var.law':>8} "
-          f"{'inactive':>9}   (n={n}, FID: {res['inception'] or 'skipped'}"
-          f"{', latent norm' if args.latent_norm else ''})")
-    print(f"{res['epochs']:>8} {f(res['rec_fid']):>6} {f(res['gen1_fid']):>6} "
-          f"{f(res['gen2_fid']):>6} {res['mse']:7.4f} {res['var_law']:8.3f} "
-          f"{res['inactive']:>6}/{k}   E[sigma^2], the paper's definition")
-    print(f"{'':>37} {res['var_law_code']:8.3f} {res['inactive_code']:>6}/{k}   E[sigma], "
-          "as the released code computes them")
-    return res
+# --- Command line: every flag checked before any data is decoded ----------------------------------
+class Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, not argparse's usage block of 35 flags
+        raise DataError(f"{message} (python train.py --help lists the flags)")
+
+
+class Help(argparse.ArgumentDefaultsHelpFormatter):
+    """Defaults shown, except those that depend on the dataset (None): the help says them."""
+
+    def _get_help_string(self, action):
+        return action.help if action.default is None else super()._get_help_string(action)
+
+
+def number(cast, low, high=math.inf, above=False):
+    """An argparse type: a finite number at least `low` (above it if `above`), at most `high`."""
+    def parse(text):
+        v = cast(text)
+        if not (math.isfinite(v) and (v > low if above else v >= low) and v <= high):
+            bound = (f"from {low} to {high}" if high < math.inf
+                     else f"{'above' if above else 'at least'} {low}")
+            raise argparse.ArgumentTypeError(f"{text} is not a finite number {bound}")
+        return v
+    parse.__name__ = cast.__name__  # argparse's "invalid int value: 'x'"
+    return parse
+
+
+def image_side(text):
+    v = int(text)
+    if v < 4 or v & (v - 1):
+        raise argparse.ArgumentTypeError(f"{text}: the networks halve the image down to 2x2, so "
+                                         "the side must be a power of two of at least 4")
+    return v
+
+
+def parse_args(argv=None):
+    p = Parser(description="Two-stage VAE with computed gamma (Asperti & Trentin 2020).",
+               formatter_class=Help)
+    a, count, rate = p.add_argument, number(int, 1), number(float, 0, above=True)
+    a("--dataset", default="cifar10", choices=data.DATASETS, help="folder: any image tree")
+    a("--data-dir", default="data", help="where data and caches live; the tree for folder")
+    a("--img-size", type=image_side, help="image side: 32 (cifar10), 64 (celeba); a folder's "
+      "own when its first image is square and a power of two, else 64")
+    a("--resize", choices=data.RESIZE_MODES, help="PIL filter for celeba/folder (paper Fig. 3; "
+      "default bilinear)")
+    a("--jpeg", type=number(int, 1, 95), metavar="Q", help="JPEG round trip at quality Q, as "
+      "the reference preprocessing (75); default lossless")
+    a("--stage", type=int, default=1, choices=(1, 2), help="1: the image VAE; 2: the VAE on "
+      "stage-1 latents")
+    a("--eval", action="store_true", help="evaluate stage1.pt (and stage2.pt) in --out")
+    a("--bench", action="store_true", help="time training steps on synthetic data, then exit")
+    a("--out", help="output folder (default runs/<dataset>)")
+    a("--resume", action="store_true", help="continue from this stage's checkpoint in --out")
+    a("--gamma", choices=sorted(vae.GAMMAS), help="computed (the paper, default) or learned "
+      "(Dai & Wipf)")
+    a("--epochs", type=count, help="total epochs: 700/1400 (cifar10), 70/140 (celeba)")
+    a("--lr", type=rate, help="initial Adam learning rate: 1e-4 (cifar10), 5e-5 (celeba)")
+    a("--halve-every", type=count, help="halve the lr every N epochs: 200/100 (cifar10), "
+      "60/120 (celeba)")
+    a("--batch-size", type=count, help="minibatch size (paper 4: 100)")
+    a("--kl-weight", type=number(float, 0), help="KL weight k: pixels/1024 in stage 1 (4.2), 1 "
+      "in stage 2")
+    a("--l2", type=number(float, 0), help="l2 weight on the resampling kernels: 0 (cifar10), "
+      "0.001 (celeba)")
+    a("--latent-dim", type=count, help="latent variables (paper 4.1: 64)")
+    a("--base-dim", type=count, help="channels of the first scale (32)")
+    a("--fc-dim", type=count, help="width of the encoder's fc scale block (512)")
+    a("--num-scale", type=count, help="encoder scales: log2(side) - 2")
+    a("--block-per-scale", type=count, help="res blocks per scale block (1)")
+    a("--depth-per-block", type=count, help="conv layers per res block (2)")
+    a("--second-dim", type=count, help="stage-2 width: 2048 for sides <= 32, else 4096")
+    a("--second-depth", type=count, help="stage-2 dense layers (3)")
+    a("--limit", type=count, help="train on N training images drawn at random from --seed")
+    a("--seed", type=int, help="random seed (0)")
+    a("--device", help="torch device: cuda if available, else cpu")
+    a("--sample-every", type=count, default=50, help="sample grids every N epochs and the last")
+    a("--amp", default="none", choices=("none", "bf16"), help="bf16 autocast of the networks; "
+      "loss and gamma stay fp32")
+    a("--compile", action=argparse.BooleanOptionalAction, help="torch.compile the networks "
+      "(CUDA graphs on CUDA); default on for stage 1 on CUDA, where it was measured")
+    a("--n-eval", type=count, default=10000, help="--eval: test images and samples (paper)")
+    a("--no-fid", action="store_true", help="--eval: mse and latent statistics only")
+    a("--inception", default="torchvision", choices=("torchvision", "tf"), help="FID weights; "
+      "tf gives FIDs comparable with the paper")
+    a("--inception-weights", help="local Inception weight file (offline machines)")
+    a("--latent-norm", action="store_true", help="--eval: rescale two-stage latents to the "
+      "variance law (paper 4.2)")
+    args = p.parse_args(argv)
+    only_eval = [k for k in ("no_fid", "latent_norm", "inception_weights") if getattr(args, k)]
+    if only_eval and not args.eval:
+        p.error(f"--{flag(only_eval[0])} applies to --eval only: add --eval")
+    if args.eval and (args.resume or args.bench or args.stage == 2):
+        p.error("--eval evaluates the checkpoints in --out: drop --resume, --bench and --stage")
+    if args.inception_weights and not os.path.isfile(args.inception_weights):
+        p.error(f"--inception-weights {args.inception_weights}: no such file")
+    if args.out and os.path.isfile(args.out):
+        p.error(f"--out {args.out} is a file: name a folder")
+    args.out = args.out or os.path.join("runs", args.dataset)
+    try:
+        args.device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    except RuntimeError:
+        p.error(f"--device {args.device} is not a torch device (cpu, cuda, cuda:1, mps)")
+    if args.device.type == "cuda" and (args.device.index or 0) >= torch.cuda.device_count():
+        p.error(f"--device {args.device}: this torch sees {torch.cuda.device_count()} CUDA devices "
+                f"(CUDA build: {torch.version.cuda or 'none'}); leave --device out to use the CPU, "
+                "or install torch's CUDA build (README)")
+    return args
+
+
+def flag(key):
+    return key.replace("_", "-")
 
 
 # --- --bench: training speed on synthetic data of the dataset's shape (no download) ---------------
