@@ -391,6 +391,8 @@ def test_stage2_trains_on_fresh_latents_each_epoch():
     noise = [z - mu[z[:, 0].round().long() // 2] for z in epochs]
     by_row = [e[e[:, 1].argsort()] for e in noise]
     assert not torch.allclose(*by_row)
+    part = train.Latents(mu[:17], torch.zeros(17, 2), 5, seed=0)  # 17 rows: 3 full batches
+    assert len(part) == 3 and [len(b) for b in part.epoch(0)] == [5, 5, 5]
 
 
 def test_stage2_data_is_the_frozen_encoders_view_of_the_training_set(tiny, tmp_path,
@@ -536,6 +538,8 @@ def test_start_and_progress_lines(tiny, capsys):
                     r"images 16x16, [\d,]+ parameters, computed gamma, lr 0.002, "
                     r"batch 10, new run, 1 epochs in all; out ", o)
     assert re.search(r"stage 1 epoch 1/1 40/40 images, \d+ images/s, ETA 0:00", err)
+    row = json.loads(open(os.path.join(out, "metrics.jsonl")).readline())
+    assert row["images_per_s"] * row["seconds"] == pytest.approx(40, rel=1e-9)  # 4 steps of 10
 
 
 def test_limit_draws_a_seeded_subset_kept_by_every_stage(tiny, monkeypatch):
@@ -577,6 +581,7 @@ def test_non_finite_loss_stops_and_keeps_last_checkpoint(tiny, monkeypatch, caps
 @pytest.mark.parametrize("argv, message", [
     (["--img-size", "30"], "argument --img-size: 30: .* power of two"),
     (["--img-size", "48"], "argument --img-size: 48: .* power of two"),
+    (["--img-size", "2"], "argument --img-size: 2: .* power of two of at least 4"),
     (["--device", "cuda"], "--device cuda: this torch sees 0 CUDA devices"),
     (["--device", "gpu"], "--device gpu is not a torch device"),
     (["--batch-size", "0"], "argument --batch-size: 0 is not a finite number at least 1"),

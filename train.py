@@ -122,6 +122,7 @@ def train(args):
         batches = Latents(*encode_all(m1, images, dev), cfg["batch_size"], cfg["seed"])
     print_start(args, cfg, model, len(images), len(split), start)
     step = make_step(model, opt, cfg, args)
+    m1, m2 = (m1, model) if stage == 2 else (model, None)  # the pictures' decoder and stage 2
     for epoch in range(start, args.epochs):
         lr = lr_at(cfg, epoch)
         for group in opt.param_groups:
@@ -152,8 +153,8 @@ def train(args):
               f"{todo / seconds:.0f} img/s  {seconds:.1f}s", flush=True)
         model.eval()
         grids = (epoch + 1) % args.sample_every == 0 or epoch + 1 == args.epochs
-        write_pictures(history, m1 or model, model if m1 else None, fixed, args.out,
-                       f"{'stage2_' if m1 else ''}e{epoch + 1:04d}", cfg["seed"], grids)
+        tag = f"{'stage2_' * (stage == 2)}e{epoch + 1:04d}"
+        write_pictures(history, m1, m2, fixed, args.out, tag, cfg["seed"], grids)
 
 
 class Latents:
