@@ -93,6 +93,14 @@ def seconds_per_call(fn, n, device="cpu"):
     return (time.perf_counter() - start) / n
 
 
+def describe(device):
+    """A device for a log line: "cuda (its name)" or "cpu (N threads)", the threads torch uses."""
+    device = torch.device(device)
+    what = (torch.cuda.get_device_name(device) if device.type == "cuda"
+            else f"{torch.get_num_threads()} threads")
+    return f"{device} ({what})"
+
+
 def atomic_write(path, write):
     """Call write(f) on a temporary file beside `path`, then rename it into place, so an
     interruption never leaves a half-written file that later loads as garbage."""

@@ -30,7 +30,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
 
-from data import DataError, atomic_write, list_images, progress, seconds_per_call
+from data import DataError, atomic_write, describe, list_images, progress, seconds_per_call
 
 URLS = {  # torch.hub's check_hash reads the SHA-256 prefix that ends each name (pytorch-fid's:
     # 6726825d0af5f729cebd5821db510b11b1cfad8faad88a03f1befd49fb9129b2, as projects pin it)
@@ -390,11 +390,9 @@ def bench(variant, batch_size, img_size, device):
     x = torch.rand(batch_size, 3, img_size, img_size, device=device)
     with torch.no_grad(), exact_fp32():
         seconds = [seconds_per_call(lambda: model(x), n, device) for n in (1, 5)]  # warm-up, timed
-    where = (torch.cuda.get_device_name(device) if torch.device(device).type == "cuda"
-             else f"cpu, {torch.get_num_threads()} threads")
-    print(f"{where}: inception ({variant}, fp32, random weights) {batch_size / seconds[1]:.1f} "
-          f"images/s (batch {batch_size}, {img_size}x{img_size} resized to 299x299, 1 warm-up + "
-          "5 timed batches)")
+    print(f"{describe(device)}: inception ({variant}, fp32, random weights) "
+          f"{batch_size / seconds[1]:.1f} images/s (batch {batch_size}, {img_size}x{img_size} "
+          "resized to 299x299, 1 warm-up + 5 timed batches)")
 
 
 def main(argv=None):

@@ -1837,7 +1837,7 @@ def test_bench_rate_is_images_over_seconds_per_batch(monkeypatch, capsys):
     monkeypatch.setattr(fid, "seconds_per_call", quarter_second)
     assert fid.main(["--bench", "--batch-size", "2", "--img-size", "8", "--device", "cpu"]) == 0
     out = capsys.readouterr().out
-    assert out.startswith("cpu, ") and calls == [1, 5]
+    assert out.startswith("cpu (") and calls == [1, 5]
     assert "8.0 images/s (batch 2, 8x8 resized to 299x299, 1 warm-up + 5 timed batches)" in out
 
 

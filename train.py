@@ -241,17 +241,15 @@ def save_checkpoint(path, cfg, model, opt, epoch, history):
 
 def print_start(args, cfg, model, n, n_split, start):
     """One line before the first step: what runs where, and from which point."""
-    dev, side = args.device, cfg["img_size"]
-    where = (torch.cuda.get_device_name(dev) if dev.type == "cuda"
-             else f"{torch.get_num_threads()} threads")
+    side = cfg["img_size"]
     drawn = f" of {n_split} (drawn from seed {cfg['seed']})" if n < n_split else ""
     why = f" ({cfg['img_size_why']})" if cfg.get("img_size_why") else ""
     params = sum(p.numel() for p in model.parameters())
     at = f"resuming at epoch {start + 1}" if start else "new run"
-    print(f"stage {args.stage} on {dev} ({where}): {cfg['dataset']} {n}{drawn} train images "
-          f"{side}x{side}{why}, {params:,} parameters, {cfg['gamma']} gamma, lr {cfg['lr']:g}, "
-          f"batch {cfg['batch_size']}, {at}, {args.epochs} epochs in all; out {args.out}",
-          flush=True)
+    print(f"stage {args.stage} on {data.describe(args.device)}: {cfg['dataset']} {n}{drawn} "
+          f"train images {side}x{side}{why}, {params:,} parameters, {cfg['gamma']} gamma, "
+          f"lr {cfg['lr']:g}, batch {cfg['batch_size']}, {at}, {args.epochs} epochs in all; "
+          f"out {args.out}", flush=True)
 
 
 # --- Evaluation (paper 4-5): REC, GEN-1, GEN-2 FID on 10,000 test images, mse, eq. 6, footnote 3 --
@@ -666,12 +664,9 @@ def bench(args, warmup=3, steps=10):
         data.seconds_per_call(lambda: step(xf), warmup, dev)
         return data.seconds_per_call(lambda: step(xf), steps, dev)
     plain = seconds_per_step(torch.contiguous_format,
-                                argparse.Namespace(**{**vars(args), "amp": "none",
-                                                      "compile": False}))
+                             argparse.Namespace(**{**vars(args), "amp": "none", "compile": False}))
     dt = seconds_per_step(torch.channels_last, args)
-    where = (torch.cuda.get_device_name(dev) if dev.type == "cuda"
-             else f"{torch.get_num_threads()} threads")
-    print(f"device {dev} ({where}), stage {args.stage}, {cfg['dataset']} {side}x{side}, batch "
+    print(f"device {data.describe(dev)}, stage {args.stage}, {cfg['dataset']} {side}x{side}, batch "
           f"{bs}, amp {args.amp}, compile {args.compile}")
     print(f"{bs / dt:.1f} images/s  {dt * 1e3:.1f} ms/step")
     print(f"plain fp32 NCHW step: {bs / plain:.1f} images/s  {plain * 1e3:.1f} ms/step  -> "
