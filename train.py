@@ -179,7 +179,8 @@ class Latents:
 
 @torch.no_grad()
 def encode_all(model, images, device):
-    mu, logsd = zip(*map(model.encode, data.Batches(images, 500, device, False, False).epoch(0)))
+    batches = data.Batches(images, 500, device, shuffle=False, drop_last=False)
+    mu, logsd = zip(*map(model.encode, batches.epoch(0)))
     return torch.cat(mu), torch.cat(logsd)
 
 
