@@ -579,9 +579,11 @@ def test_non_finite_loss_stops_and_keeps_last_checkpoint(tiny, monkeypatch, caps
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--img-size", "30"], "argument --img-size: 30: .* power of two"),
-    (["--img-size", "48"], "argument --img-size: 48: .* power of two"),
-    (["--img-size", "2"], "argument --img-size: 2: .* power of two of at least 4"),
+    (["--img-size", "30"], "image side 30: .* power of two >= 4.*: choose another --img-size"),
+    (["--img-size", "48"], "image side 48: .* power of two >= 4"),
+    (["--img-size", "2"], "image side 2: .* power of two >= 4"),
+    (["--img-size", "0"], "argument --img-size: 0 is not a finite number at least 1"),
+    (["--img-size", "1"], "image side 1: .* power of two >= 4"),
     (["--device", "cuda"], "--device cuda: this torch sees 0 CUDA devices"),
     (["--device", "gpu"], "--device gpu is not a torch device"),
     (["--batch-size", "0"], "argument --batch-size: 0 is not a finite number at least 1"),
@@ -600,7 +602,7 @@ def test_non_finite_loss_stops_and_keeps_last_checkpoint(tiny, monkeypatch, caps
     (["--eval", "--resume"], "--eval evaluates the checkpoints"),
     (["--eval", "--inception-weights", "nowhere.pth"], "--inception-weights nowhere.pth: no "),
     (["--latent-dim", "0"], "argument --latent-dim: 0 is not .* at least 1"),
-    (["--num-scale", "6"], "image side 16 must be .*: lower --num-scale"),
+    (["--num-scale", "6"], "image side 16: .* >= 2\\^\\(num_scale - 1\\) = 32: choose"),
     (["--nonsense"], "unrecognized arguments: --nonsense"),
 ])
 def test_bad_flags_fail_at_once_with_one_line(tiny, monkeypatch, capsys, argv, message):

@@ -401,8 +401,8 @@ def build(cfg, stage):
     if stage == 1:
         try:
             return vae.VAE(cfg["img_size"], *(cfg[k] for k in ARCH1), gamma=cfg["gamma"])
-        except ValueError as e:  # too many scales for the image side
-            raise DataError(f"{e}: lower --num-scale") from None
+        except ValueError as e:  # checked before any data is decoded (train, --bench)
+            raise DataError(f"{e}: choose another --img-size or --num-scale") from None
     return vae.SecondStage(cfg["latent_dim"], cfg["second_dim"], cfg["second_depth"],
                            cfg["gamma"])
 
@@ -560,21 +560,13 @@ def number(cast, low, high=math.inf, above=False):
     return parse
 
 
-def image_side(text):
-    v = int(text)
-    if v < 4 or v & (v - 1):
-        raise argparse.ArgumentTypeError(f"{text}: the networks halve the image down to 2x2, so "
-                                         "the side must be a power of two of at least 4")
-    return v
-
-
 def parse_args(argv=None):
     p = Parser(description="Two-stage VAE with computed gamma (Asperti & Trentin 2020).",
                formatter_class=Help)
     a, count, rate = p.add_argument, number(int, 1), number(float, 0, above=True)
     a("--dataset", default="cifar10", choices=data.DATASETS, help="folder: any image tree")
     a("--data-dir", default="data", help="where data and caches live; the tree for folder")
-    a("--img-size", type=image_side, help="image side: 32 (cifar10), 64 (celeba); a folder's "
+    a("--img-size", type=count, help="image side: 32 (cifar10), 64 (celeba); a folder's "
       "own when its first image is square and a power of two, else 64")
     a("--resize", choices=data.RESIZE_MODES, help="PIL filter for celeba/folder (paper Fig. 3; "
       "default bilinear)")

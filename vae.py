@@ -199,8 +199,9 @@ class VAE(_GaussianVAE):
                  block_per_scale=1, depth_per_block=2, gamma="computed"):
         super().__init__()
         if side < 4 or side & (side - 1) or side >> (num_scale - 1) < 1:
-            raise ValueError(f"image side {side} must be a power of two, at least 4 and at "
-                             f"least 2^(num_scale - 1) = {2 ** (num_scale - 1)}")
+            raise ValueError(f"image side {side}: the decoder starts at 2x2 and doubles, so the "
+                             "side must be a power of two >= 4, and the encoder's num_scale "
+                             f"scales need it >= 2^(num_scale - 1) = {2 ** (num_scale - 1)}")
         self.gamma = GAMMAS[gamma]()
         dims = [base_dim * 2 ** i for i in range(num_scale)]
         enc = [conv3x3(3, dims[0])]
