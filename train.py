@@ -116,7 +116,8 @@ def train(args):
     images, fixed = data.subset(split, cfg["limit"], cfg["seed"]), None
     if stage == 1:
         batches = data.Batches(images, cfg["batch_size"], dev, seed=cfg["seed"])
-        spread = torch.linspace(0, len(images) - 1, 32, device=dev).long()  # the recon grids'
+        # the recon grids' 32 images, spread over the split (a folder sorted by class)
+        spread = torch.linspace(0, len(images) - 1, 32, device=dev).long()
         fixed = batches.x[spread].permute(0, 3, 1, 2).float().div(255)
     else:
         batches = Latents(*encode_all(m1, images, dev), cfg["batch_size"], cfg["seed"])
