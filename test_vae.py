@@ -18,6 +18,7 @@ import pickle
 import re
 import shutil
 import tarfile
+import types
 import urllib.error
 import warnings
 
@@ -238,6 +239,7 @@ TINY = ["--img-size", "16", "--base-dim", "4", "--fc-dim", "16", "--latent-dim",
         "--seed", "3", "--sample-every", "2"]
 TINY_CFG = dict(img_size=16, latent_dim=8, base_dim=4, fc_dim=16, num_scale=2, block_per_scale=1,
                 depth_per_block=2, second_dim=16, second_depth=3, gamma="computed")
+CPU = argparse.Namespace(device=torch.device("cpu"), compile=False, amp="none")
 
 
 def smooth_images(n, rng, side=16):
@@ -257,8 +259,9 @@ def image_folder(root, n_train=60, n_test=30, seed=0, side=16):
 
 
 @pytest.fixture
-def tiny(tmp_path, monkeypatch):
-    """A run on a folder of 60 smooth 16x16 training images (and 30 test images)."""
+def tiny(tmp_path):
+    """A run on a folder of 60 smooth 16x16 training images (and 30 test images); run() gives
+    the tiny network's flags, the folder and --out; bare() gives --out and nothing else."""
     folder, out = image_folder(tmp_path / "images"), str(tmp_path / "run")
     def run(*argv, data_dir=folder):
         train.main([*TINY, "--dataset", "folder", "--data-dir", str(data_dir), "--out", out,
@@ -266,12 +269,26 @@ def tiny(tmp_path, monkeypatch):
     return run, out
 
 
-def metrics(out):
-    with open(os.path.join(out, "metrics.jsonl")) as f:
+def bare(out, *argv):
+    train.main(["--out", out, *argv])
+
+
+def metrics(out, stage=1):
+    with open(os.path.join(out, f"metrics_stage{stage}.jsonl")) as f:
         rows = [json.loads(line) for line in f]
     for r in rows:
         del r["seconds"], r["images_per_s"]
     return rows
+
+
+def fails(capsys, fn, *argv, **kw):
+    """The one-line error (exit 1) of fn(*argv), nothing else on stderr."""
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        fn(*argv, **kw)
+    err = capsys.readouterr().err
+    assert e.value.code == 1 and err.startswith("error: ") and err.count("\n") == 1, err
+    return err
 
 
 def test_training_lowers_mse_and_writes_outputs(tiny):
@@ -280,11 +297,11 @@ def test_training_lowers_mse_and_writes_outputs(tiny):
     rows = metrics(out)
     assert [r["epoch"] for r in rows] == [1, 2, 3, 4] and rows[-1]["mse"] < rows[0]["mse"]
     assert all(r["gamma"] <= 1 for r in rows) and rows[-1]["gamma"] < rows[0]["gamma"]
-    for name in ("stage1.pt", "latent_variance.png", "gamma.png", "recon_e0004.png",
-                 "samples_e0002.png"):
+    for name in ("stage1.pt", "latent_variance.png", "recon_e0004.png", "samples_e0002.png"):
         assert os.path.exists(os.path.join(out, name)), name
+    assert not os.path.exists(os.path.join(out, "samples_e0001.png"))  # every 2nd and the last
     ck = torch.load(os.path.join(out, "stage1.pt"), weights_only=True)
-    assert ck["epoch"] == 4
+    assert ck["epoch"] == 4 and [r["mse"] for r in ck["history"]] == [r["mse"] for r in rows]
     assert ck["model"]["gamma.mse_est"].item() == pytest.approx(rows[-1]["gamma"] ** 2, rel=1e-5)
 
 
@@ -294,8 +311,7 @@ def test_gamma_update_follows_each_step():
     torch.manual_seed(0)
     model = train.build(TINY_CFG, 1)
     opt = train.make_optimizer(model, 1e-3, torch.device("cpu"))
-    args = argparse.Namespace(device=torch.device("cpu"), compile=False, amp="none")
-    step = train.make_step(model, opt, dict(kl_weight=4.0, l2=0.0), args)
+    step = train.make_step(model, opt, dict(kl_weight=4.0, l2=0.0), CPU)
     x, D, c = torch.rand(10, 3, 16, 16), 768, 0.5 * math.log(2 * math.pi)
     (loss, kl, mse), _, _ = step(x)
     assert loss.item() == pytest.approx(D * mse.item() / 2 + D * c + 4 * kl.item(), rel=1e-5)
@@ -313,9 +329,8 @@ def test_l2_penalty_is_on_the_resampling_kernels():
     for l2 in (0.0, 0.5):
         torch.manual_seed(0)
         model = train.build(TINY_CFG, 1)
-        args = argparse.Namespace(device=torch.device("cpu"), compile=False, amp="none")
-        step = train.make_step(model, train.make_optimizer(model, 1e-3, args.device),
-                               dict(kl_weight=1.0, l2=l2), args)
+        step = train.make_step(model, train.make_optimizer(model, 1e-3, CPU.device),
+                               dict(kl_weight=1.0, l2=l2), CPU)
         torch.manual_seed(1)
         kernels = [m.weight.detach().clone() for m in model.modules() if isinstance(
             m, (nn.Conv2d, nn.ConvTranspose2d)) and m.stride == (2, 2)]
@@ -369,30 +384,39 @@ def test_schedule_reaches_the_optimizer(tiny):
 def test_defaults_are_the_papers_numbers(dataset, side, stage, expected):
     """Sections 4, 4.1, 4.2 and Fig. 1, as literal numbers (CelebA's halving periods and stage-2
     epochs from the released code's comments)."""
-    common = dict(batch_size=100, gamma="computed", latent_dim=64, base_dim=32, fc_dim=512,
-                  block_per_scale=1, depth_per_block=2, second_depth=3, seed=0,
-                  resize="bilinear", jpeg=None, limit=None)
+    common = dict(dataset=dataset, img_size=side, batch_size=100, gamma="computed",
+                  latent_dim=64, base_dim=32, fc_dim=512, block_per_scale=1, depth_per_block=2,
+                  second_depth=3, seed=0, resize="bilinear", jpeg=None, limit=None)
     assert train.paper_defaults(dataset, side, stage) == {**common, **expected}
-    args = train.parse_args(["--dataset", dataset, "--stage", str(stage)])
-    cfg = train.settle(args, stage)
-    assert {k: cfg[k] for k in expected if k != "epochs"} == {
-        k: v for k, v in expected.items() if k != "epochs"} and args.epochs == expected["epochs"]
+
+
+def test_a_new_run_takes_the_papers_settings_then_the_flags_given(tiny):
+    """A folder of 16x16 images: CIFAR-10's settings at 16x16 (k = 256/1024), --lr as given."""
+    run, out = tiny
+    run("--epochs", "1", "--lr", "3e-3")
+    cfg = torch.load(os.path.join(out, "stage1.pt"), weights_only=True)["config"]
+    assert (cfg["lr"], cfg["kl_weight"], cfg["halve_every"], cfg["l2"]) == (3e-3, 0.25, 200, 0)
+    assert cfg["images"] == {"train": 60, "test": 30} and cfg["stage1_epoch"] is None
 
 
 def test_stage2_trains_on_fresh_latents_each_epoch():
-    """z = mu + sigma * eps with new eps every epoch (Dai & Wipf), each row once per epoch."""
+    """z = mu + sigma * eps with new eps every epoch (Dai & Wipf), each row once per epoch, in
+    whole batches only."""
     mu = torch.arange(40.0).reshape(20, 2)
-    data_ = train.Latents(mu, torch.full((20, 2), math.log(0.01)), 5, seed=0)
-    epochs = [torch.cat(list(data_.epoch(e))) for e in (0, 1)]
+    images = np.arange(20, dtype=np.uint8)[:, None, None, None].repeat(3, 3)  # image i holds i
+    m1 = types.SimpleNamespace(encode=lambda x: (mu[(x[:, 0, 0, 0] * 255).round().long()],
+                                                 torch.full((len(x), 2), math.log(0.01))))
+    epoch, todo = train.latent_batches(m1, images, 5, 0, torch.device("cpu"))
+    epochs = [torch.cat(list(epoch(e))) for e in (0, 1)]
+    assert todo == 20
     for z in epochs:
         order = z[:, 0].round().long() // 2  # which row of mu each sample came from
         assert sorted(order.tolist()) == list(range(20))
         assert (z - mu[order]).abs().max() < 0.06  # sigma 0.01
     noise = [z - mu[z[:, 0].round().long() // 2] for z in epochs]
-    by_row = [e[e[:, 1].argsort()] for e in noise]
-    assert not torch.allclose(*by_row)
-    part = train.Latents(mu[:17], torch.zeros(17, 2), 5, seed=0)  # 17 rows: 3 full batches
-    assert len(part) == 3 and [len(b) for b in part.epoch(0)] == [5, 5, 5]
+    assert not torch.allclose(*[e[e[:, 1].argsort()] for e in noise])
+    epoch, todo = train.latent_batches(m1, images[:17], 5, 0, torch.device("cpu"))
+    assert todo == 15 and [len(b) for b in epoch(0)] == [5, 5, 5]  # 17 rows: 3 whole batches
 
 
 def test_stage2_data_is_the_frozen_encoders_view_of_the_training_set(tiny, tmp_path,
@@ -402,39 +426,46 @@ def test_stage2_data_is_the_frozen_encoders_view_of_the_training_set(tiny, tmp_p
     run, out = tiny
     run("--epochs", "1", "--limit", "40")
     seen = []
-    real = train.Latents.__init__
-    def spy(self, mu, logsd, *a):
-        seen.append((mu, logsd))
-        real(self, mu, logsd, *a)
-    monkeypatch.setattr(train.Latents, "__init__", spy)
+    real = train.latent_batches
+    def spy(m1, images, *a):
+        with torch.no_grad():
+            seen.append(m1.training)
+            seen.append(m1.encode(torch.from_numpy(np.array(images)).permute(0, 3, 1, 2)
+                                  .float() / 255))
+        return real(m1, images, *a)
+    monkeypatch.setattr(train, "latent_batches", spy)
     run("--stage", "2", "--epochs", "1")
-    m1 = train.load_model(out, 1, "cpu")[0].eval()
+    m1 = train.load_model(train.load_checkpoint(out, 1, "cpu"), 1, "cpu")
     split = data.load_split("folder", "train", str(tmp_path / "images"), 16)
     x = torch.from_numpy(np.array(data.subset(split, 40, 3))).permute(0, 3, 1, 2).float() / 255
     with torch.no_grad():
         mu, logsd = m1.encode(x)
-    torch.testing.assert_close(seen[0][0], mu, rtol=1e-4, atol=1e-5)
-    torch.testing.assert_close(seen[0][1], logsd, rtol=1e-4, atol=1e-5)
+    assert seen[0] is False
+    torch.testing.assert_close(seen[1][0], mu, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(seen[1][1], logsd, rtol=1e-4, atol=1e-5)
 
 
 def test_stage2_trains_from_stage1_and_eval_writes_table(tiny, capsys):
     run, out = tiny
     run("--epochs", "2")
-    run("--stage", "2", "--epochs", "2")
-    rows = metrics(out)
-    assert [(r["stage"], r["epoch"]) for r in rows] == [(1, 1), (1, 2), (2, 1), (2, 2)]
+    bare(out, "--stage", "2", "--epochs", "2", "--second-dim", "16", "--batch-size", "10")
+    assert [r["epoch"] for r in metrics(out, 2)] == [1, 2] and len(metrics(out)) == 2
     assert os.path.exists(os.path.join(out, "samples_stage2_e0002.png"))
+    ck2 = torch.load(os.path.join(out, "stage2.pt"), weights_only=True)
+    assert ck2["config"]["stage1_epoch"] == 2 and ck2["config"]["lr"] == 1e-4  # the paper's
     capsys.readouterr()
-    run("--eval", "--no-fid", "--n-eval", "25")
+    bare(out, "--eval", "--no-fid", "--n-eval", "25")  # every setting from the checkpoints
     res = json.load(open(os.path.join(out, "eval.json")))
     assert res["n"] == 25 and res["rec_fid"] is None and res["inception"] is None
+    assert (res["epochs"], res["epochs2"]) == (2, 2)
     printed = capsys.readouterr().out.splitlines()
     assert printed[1].split()[:5] == ["2", "-", "-", "-", f"{res['mse']:.4f}"]
+    assert printed[1].split()[6] == f"{res['inactive']}/8"
     assert f"{res['inactive_code']}/8" in printed[2]
 
 
 def tiles(path, n, side=16, ncol=8, pad=2):
-    """The first n images of a grid written by data.save_grid."""
+    """The first n images of a grid written by train.save_grid."""
     grid = np.asarray(Image.open(path))
     return np.stack([grid[pad + r * (side + pad):pad + r * (side + pad) + side,
                           pad + c * (side + pad):pad + c * (side + pad) + side]
@@ -450,10 +481,9 @@ def test_eval_follows_the_protocol(tiny, tmp_path, latent_norm):
     run, out = tiny
     run("--epochs", "2")
     run("--stage", "2", "--epochs", "1")
-    run("--eval", "--no-fid", "--n-eval", "25", *(["--latent-norm"] if latent_norm else []))
+    bare(out, "--eval", "--no-fid", "--n-eval", "25", *(["--latent-norm"] if latent_norm else []))
     res = json.load(open(os.path.join(out, "eval.json")))
-    m1, m2 = (train.load_model(out, s, "cpu")[0].eval()
-              for s in (1, 2))  # eval mode: batch norm on its moving averages
+    m1, m2 = (train.load_model(train.load_checkpoint(out, s, "cpu"), s, "cpu") for s in (1, 2))
     # 25 of the 30 test images, drawn from the run's seed 3 (in their order)
     drawn = np.sort(np.random.default_rng(3).choice(30, 25, replace=False))
     test = np.stack([np.asarray(Image.open(tmp_path / "images" / "test" / f"{i:03d}.png"))
@@ -485,29 +515,32 @@ def test_eval_follows_the_protocol(tiny, tmp_path, latent_norm):
 
 
 @pytest.mark.parametrize("stage,lose_line", [(1, False), (2, False), (1, True)])
-def test_resume_equals_uninterrupted(tiny, tmp_path, stage, lose_line):
+def test_resume_with_only_out_equals_uninterrupted(tiny, tmp_path, stage, lose_line):
+    """--resume with --out, --stage and --epochs alone (no --dataset, no --data-dir) takes every
+    setting from the checkpoint and ends where an uninterrupted run does; a metrics file that
+    lost its last line (a kill between the two writes) is whole again after the next epoch."""
     run, out = tiny
     if stage == 2:
         run("--epochs", "1")
     run("--stage", str(stage), "--epochs", "3")
-    straight = metrics(out)
+    straight = metrics(out, stage)
     os.rename(out, str(tmp_path / "straight"))
     if stage == 2:
         run("--epochs", "1")
     run("--stage", str(stage), "--epochs", "2")
-    if lose_line:  # killed after the epoch-2 checkpoint, before its metrics line
-        path = os.path.join(out, "metrics.jsonl")
+    if lose_line:
+        path = os.path.join(out, "metrics_stage1.jsonl")
         lines = open(path).readlines()
         open(path, "w").writelines(lines[:-1])
-    run("--stage", str(stage), "--epochs", "3", "--resume")
-    assert metrics(out) == straight
+    bare(out, "--stage", str(stage), "--epochs", "3", "--resume")
+    assert metrics(out, stage) == straight
 
 
 def test_ctrl_c_mid_epoch_keeps_the_last_epoch_then_resumes(tiny, tmp_path, monkeypatch,
                                                             capsys):
-    """Ctrl-C during epoch 2 (its 3rd of 6 steps): a one-line message, exit 130, stage1.pt and
-    metrics.jsonl still at epoch 1 with no temporary file left; --resume redoes epoch 2 and ends
-    where an uninterrupted run does."""
+    """Ctrl-C during epoch 2 (its 3rd of 6 steps): a message, exit 130, stage1.pt and the metrics
+    still at epoch 1 with no temporary file left; --resume redoes epoch 2 and ends where an
+    uninterrupted run does."""
     run, out = tiny
     run("--epochs", "2")
     straight = metrics(out)
@@ -536,9 +569,9 @@ def test_start_and_progress_lines(tiny, capsys):
     o, err = capsys.readouterr()
     assert re.match(r"stage 1 on cpu \(\d+ threads\): folder 40 of 60 \(drawn from seed 3\) train "
                     r"images 16x16, [\d,]+ parameters, computed gamma, lr 0.002, "
-                    r"batch 10, new run, 1 epochs in all; out ", o)
+                    r"batch 10; new run, 1 epochs in all; out ", o)
     assert re.search(r"stage 1 epoch 1/1 40/40 images, \d+ images/s, ETA 0:00", err)
-    row = json.loads(open(os.path.join(out, "metrics.jsonl")).readline())
+    row = json.loads(open(os.path.join(out, "metrics_stage1.jsonl")).readline())
     assert row["images_per_s"] * row["seconds"] == pytest.approx(40, rel=1e-9)  # 4 steps of 10
 
 
@@ -562,6 +595,19 @@ def test_limit_draws_a_seeded_subset_kept_by_every_stage(tiny, monkeypatch):
     assert index == sorted(index)
 
 
+def test_training_recon_grid_spreads_its_images_over_the_split(tiny, tmp_path):
+    """The recon grid's originals are the 32 images at linspace(0, 59, 32) of the training
+    split (sorted by name), in rows alternating with their reconstructions: from across a
+    folder sorted by class, not its first 32."""
+    run, out = tiny
+    run("--epochs", "1")
+    pairs = tiles(os.path.join(out, "recon_e0001.png"), 64)
+    want = np.linspace(0, 59, 32).astype(int)
+    files = [np.asarray(Image.open(tmp_path / "images" / "train" / f"{i:03d}.png")) for i in want]
+    for row in range(4):
+        np.testing.assert_array_equal(pairs[16 * row:16 * row + 8], files[8 * row:8 * row + 8])
+
+
 def test_non_finite_loss_stops_and_keeps_last_checkpoint(tiny, monkeypatch, capsys):
     run, out = tiny
     real_loss = vae.vae_loss
@@ -579,31 +625,25 @@ def test_non_finite_loss_stops_and_keeps_last_checkpoint(tiny, monkeypatch, caps
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--img-size", "30"], "image side 30: .* power of two >= 4.*: choose another --img-size"),
-    (["--img-size", "48"], "image side 48: .* power of two >= 4"),
-    (["--img-size", "2"], "image side 2: .* power of two >= 4"),
-    (["--img-size", "0"], "argument --img-size: 0 is not a finite number at least 1"),
-    (["--img-size", "1"], "image side 1: .* power of two >= 4"),
+    (["--img-size", "30"], "image side 30: .*power of two >= 4.*: choose another --img-size"),
+    (["--img-size", "48"], "image side 48: .*power of two >= 4"),
+    (["--img-size", "2"], "image side 2: .*power of two >= 4"),
+    (["--img-size", "0"], "--img-size 0 is out of range: give a number from 1 to"),
     (["--device", "cuda"], "--device cuda: this torch sees 0 CUDA devices"),
-    (["--device", "gpu"], "--device gpu is not a torch device"),
-    (["--batch-size", "0"], "argument --batch-size: 0 is not a finite number at least 1"),
-    (["--sample-every", "0"], "argument --sample-every: 0 is not .* at least 1"),
-    (["--epochs", "0"], "argument --epochs: 0 is not .* at least 1"),
-    (["--epochs", "2.5"], "argument --epochs: invalid int value: '2.5'"),
-    (["--eval", "--n-eval", "0"], "argument --n-eval: 0 is not .* at least 1"),
-    (["--limit", "0"], "argument --limit: 0 is not .* at least 1"),
-    (["--halve-every", "0"], "argument --halve-every: 0 is not .* at least 1"),
-    (["--lr", "0"], "argument --lr: 0 is not a finite number above 0"),
-    (["--lr", "nan"], "argument --lr: nan is not a finite number above 0"),
-    (["--kl-weight", "-1"], "argument --kl-weight: -1 is not a finite number at least 0"),
-    (["--jpeg", "100"], "argument --jpeg: 100 is not a finite number from 1 to 95"),
-    (["--resize", "blurry"], "argument --resize: invalid choice: 'blurry'"),
-    (["--latent-norm"], "--latent-norm applies to --eval only"),
+    (["--batch-size", "0"], "--batch-size 0 is out of range: give a number from 1 to"),
+    (["--sample-every", "0"], "--sample-every 0 is out of range"),
+    (["--epochs", "0"], "--epochs 0 is out of range"),
+    (["--eval", "--n-eval", "0"], "--n-eval 0 is out of range"),
+    (["--limit", "0"], "--limit 0 is out of range"),
+    (["--halve-every", "0"], "--halve-every 0 is out of range"),
+    (["--lr", "0"], "--lr 0.0 is out of range: give a number from 1e-12 to"),
+    (["--lr", "nan"], "--lr nan is out of range"),
+    (["--kl-weight", "-1"], "--kl-weight -1.0 is out of range: give a number from 0 to"),
+    (["--jpeg", "100"], "--jpeg 100 is out of range: give a number from 1 to 95"),
+    (["--latent-norm"], "--no-fid, --latent-norm and --inception-weights apply to --eval only"),
     (["--eval", "--resume"], "--eval evaluates the checkpoints"),
-    (["--eval", "--inception-weights", "nowhere.pth"], "--inception-weights nowhere.pth: no "),
-    (["--latent-dim", "0"], "argument --latent-dim: 0 is not .* at least 1"),
-    (["--num-scale", "6"], "image side 16: .* >= 2\\^\\(num_scale - 1\\) = 32: choose"),
-    (["--nonsense"], "unrecognized arguments: --nonsense"),
+    (["--latent-dim", "0"], "--latent-dim 0 is out of range"),
+    (["--num-scale", "6"], "image side 16: .*>= 2\\^\\(num_scale - 1\\) = 32: choose"),
 ])
 def test_bad_flags_fail_at_once_with_one_line(tiny, monkeypatch, capsys, argv, message):
     if "cuda" in argv:  # as on a machine without a GPU
@@ -612,96 +652,129 @@ def test_bad_flags_fail_at_once_with_one_line(tiny, monkeypatch, capsys, argv, m
     def no_decoding(*a, **k):
         raise AssertionError("decoded data before refusing the flags")
     monkeypatch.setattr(data, "load_split", no_decoding)
-    run, out = tiny
+    assert re.match(f"error: {message}", fails(capsys, tiny[0], *argv))
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--epochs", "2.5"], "argument --epochs: invalid int value: '2.5'"),
+    (["--resize", "blurry"], "argument --resize: invalid choice: 'blurry'"),
+    (["--nonsense"], "unrecognized arguments: --nonsense"),
+])
+def test_flag_syntax_errors_are_argparses(tiny, capsys, argv, message):
     with pytest.raises(SystemExit) as e:
-        run(*argv)
+        tiny[0](*argv)
     err = capsys.readouterr().err
-    assert e.value.code == 1 and err.count("\n") == 1 and re.match(f"error: {message}", err)
+    assert e.value.code == 2 and err.startswith("usage: python train.py [flags]; --help lists")
+    assert message in err and err.count("\n") == 2
 
 
 def test_clear_errors(tiny, capsys):
     run, out = tiny
-    def fails(*argv, **k):
-        with pytest.raises(SystemExit):
-            run(*argv, **k)
-        return capsys.readouterr().err
-    assert "train stage 1 first" in fails("--stage", "2", "--epochs", "1")
-    assert "train stage 1 first" in fails("--epochs", "1", "--resume")
-    assert "train stage 1 first" in fails("--eval", "--no-fid")
+    assert "train stage 1 first" in fails(capsys, run, "--stage", "2", "--epochs", "1")
+    assert "train stage 1 first" in fails(capsys, run, "--epochs", "1", "--resume")
+    assert "train stage 1 first" in fails(capsys, bare, out, "--eval", "--no-fid")
     run("--epochs", "1")
-    assert "train stage 2 first" in fails("--stage", "2", "--epochs", "1", "--resume")
-    assert "--resume" in fails("--epochs", "2")
-    assert "trained 1 epochs already" in fails("--epochs", "1", "--resume")
-    assert "--latent-norm rescales two-stage samples" in fails("--eval", "--latent-norm")
+    assert "train stage 2 first" in fails(capsys, run, "--stage", "2", "--epochs", "1",
+                                          "--resume")
+    assert "add --resume" in fails(capsys, run, "--epochs", "2")
+    assert "trained 1 epochs already" in fails(capsys, bare, out, "--epochs", "1", "--resume")
+    assert "--latent-norm rescales two-stage" in fails(capsys, bare, out, "--eval",
+                                                       "--latent-norm")
     path = os.path.join(out, "stage1.pt")
     with open(path, "r+b") as f:
         f.truncate(os.path.getsize(path) // 2)
-    err = fails("--epochs", "2", "--resume")
+    err = fails(capsys, bare, out, "--epochs", "2", "--resume")
     assert "truncated, corrupt" in err and "weights_only" not in err
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--img-size", "32"], "stage1.pt in .* was made with --img-size 16, not 32"),
-    (["--lr", "1e-3"], "made with --lr 0.002, not 0.001"),
-    (["--batch-size", "5"], "made with --batch-size 10, not 5"),
-    (["--gamma", "learned"], "made with --gamma computed, not learned"),
-    (["--limit", "30"], "made with --limit None, not 30"),
-    (["--jpeg", "75"], "made with --jpeg None, not 75"),
-    (["--kl-weight", "2"], "made with --kl-weight 0.25, not 2.0"),  # k = 16 * 16 / 1024
+    (["--img-size", "32"], "--img-size 32 contradicts .*stage1.pt, made with --img-size 16: "
+                           "leave the flag out"),
+    (["--lr", "1e-3"], "--lr 0.001 contradicts .*, made with --lr 0.002"),
+    (["--batch-size", "5"], "--batch-size 5 contradicts .*, made with --batch-size 10"),
+    (["--gamma", "learned"], "--gamma learned contradicts .*, made with --gamma computed"),
+    (["--limit", "30"], "--limit 30 contradicts .*, made with all images"),
+    (["--jpeg", "75"], "--jpeg 75 contradicts .*, made with no JPEG round trip"),
+    (["--kl-weight", "2"], "--kl-weight 2 contradicts .*, made with --kl-weight 0.25"),
+    (["--dataset", "cifar10"], "--dataset cifar10 contradicts .*, made with --dataset folder"),
 ])
-def test_resume_refuses_other_settings(tiny, capsys, argv, message):
+@pytest.mark.parametrize("mode", [["--epochs", "2", "--resume"], ["--eval", "--no-fid"]])
+def test_a_given_flag_that_contradicts_the_checkpoint_is_refused(tiny, capsys, argv, message,
+                                                                  mode):
     run, out = tiny
     run("--epochs", "1")
-    with pytest.raises(SystemExit):
-        run("--epochs", "2", "--resume", *argv)
-    assert re.search(message, capsys.readouterr().err)
+    assert re.match(f"error: {message}", fails(capsys, bare, out, *mode, *argv))
 
 
-def test_resume_stage2_and_eval_refuse_other_data(tiny, tmp_path, capsys):
+def test_a_given_flag_that_agrees_with_the_checkpoint_is_taken(tiny):
+    run, out = tiny
+    run("--epochs", "1")
+    run("--epochs", "2", "--resume")  # every tiny flag given again, equal to the checkpoint's
+    assert [r["epoch"] for r in metrics(out)] == [1, 2]
+
+
+def test_moved_and_linked_data_is_the_same_data(tiny, tmp_path):
+    """The data is its settings and image counts, not its path: training on through a symlink,
+    and stage 2 and --eval on a moved copy, are allowed; the cache is not decoded again."""
+    run, out = tiny
+    run("--epochs", "1")
+    caches = sorted((tmp_path / "cache").rglob("*.npy"))
+    os.symlink(tmp_path / "images", tmp_path / "link")
+    bare(out, "--epochs", "2", "--resume", "--data-dir", str(tmp_path / "link"))
+    shutil.move(tmp_path / "images", tmp_path / "moved")
+    bare(out, "--stage", "2", "--epochs", "1", "--data-dir", str(tmp_path / "moved"),
+         "--second-dim", "16", "--batch-size", "10")
+    bare(out, "--eval", "--no-fid", "--data-dir", str(tmp_path / "moved"))
+    assert sorted((tmp_path / "cache").rglob("*train*.npy")) == [
+        c for c in caches if "train" in c.name]
+    assert len(metrics(out, 2)) == 1 and os.path.exists(os.path.join(out, "eval.json"))
+
+
+def test_other_image_counts_are_refused_naming_them(tiny, tmp_path, capsys):
     run, out = tiny
     run("--epochs", "1")
     other = image_folder(tmp_path / "dogs", n_train=54, n_test=10, seed=1)
     for argv in (["--epochs", "2", "--resume"], ["--stage", "2", "--epochs", "1"],
                  ["--eval", "--no-fid"]):
-        with pytest.raises(SystemExit):
-            run(*argv, data_dir=other)
-        assert "was trained on other data" in capsys.readouterr().err
+        err = fails(capsys, bare, out, *argv, "--data-dir", str(other))
+        assert re.search(r"stage1.pt was trained on 60 train and 30 test images, but .*dogs has "
+                         r"54 and 10: give --data-dir the run's data", err)
 
 
-def test_stage2_belongs_to_its_stage1(tiny, capsys):
-    """stage2.pt trained on stage 1 at epoch 1; stage 1 trained on to epoch 2: --eval and a
-    stage-2 resume refuse the pair and say how to mend it."""
+def test_stage_links(tiny, capsys):
+    """Stage 1 is not trained on while stage2.pt exists; stage2.pt records the stage-1 epoch it
+    was trained on, and --eval and a stage-2 resume refuse a stage 1 at another epoch."""
     run, out = tiny
     run("--epochs", "1")
     run("--stage", "2", "--epochs", "1")
-    run("--epochs", "2", "--resume")
+    err = fails(capsys, bare, out, "--epochs", "2", "--resume")
+    assert "stage2.pt was trained on stage 1 as it is now: move stage2.pt away first" in err
+    os.rename(os.path.join(out, "stage2.pt"), os.path.join(out, "kept.pt"))
+    bare(out, "--epochs", "2", "--resume")
+    os.rename(os.path.join(out, "kept.pt"), os.path.join(out, "stage2.pt"))
     for argv in (["--eval", "--no-fid"], ["--stage", "2", "--epochs", "2", "--resume"]):
-        with pytest.raises(SystemExit):
-            run(*argv)
-        err = capsys.readouterr().err
-        assert "trained on stage 1 at epoch 1" in err and "now at epoch 2" in err
-        assert "train stage 2 afresh" in err
+        err = fails(capsys, bare, out, *argv)
+        assert "trained on stage 1 at epoch 1, but" in err and "is now at epoch 2" in err
+        assert "move stage2.pt away" in err
 
 
 def test_eval_scores_each_set_against_the_test_images(tiny, tmp_path, weights):
     """--eval's FIDs on random Inception weights: REC scores the reconstructions, GEN-1 the
-    decoder's samples, GEN-2 the two-stage samples, each against the statistics of the first
-    n test images, which are cached beside the split's cache with the weights that made them.
-    With n = 4 every image of each set is in its grid, so the sets are read back from there."""
+    decoder's samples, GEN-2 the two-stage samples, each against the statistics of the drawn
+    n test images, which are cached beside the split's cache. With n = 4 every image of each
+    set is in its grid, so the sets are read back from there."""
     run, out = tiny
     weights = weights[0]  # He-initialised: features of O(1) that tell the sets apart
     run("--epochs", "1")
     run("--stage", "2", "--epochs", "1")
-    run("--eval", "--n-eval", "4", "--inception-weights", str(weights))
+    bare(out, "--eval", "--n-eval", "4", "--inception-weights", str(weights))
     res = json.load(open(os.path.join(out, "eval.json")))
     (cached,) = (tmp_path / "cache").rglob("fid_stats_*.npz")
     net = fid.load_inception("torchvision", str(weights), "cpu")
     test = data.load_split("folder", "test", str(tmp_path / "images"), 16)
     test = test[np.sort(np.random.default_rng(3).choice(30, 4, replace=False))]  # seed 3
-    real = fid.feature_stats(net, test)
-    mu, sigma, weights_id = fid.load_stats(cached)
-    np.testing.assert_allclose(mu, real[0], rtol=1e-5, atol=1e-6)
-    assert weights_id == res["inception_weights"] == net.weights_id
+    np.testing.assert_allclose(fid.load_stats(cached)[0], fid.feature_stats(net, test)[0],
+                               rtol=1e-5, atol=1e-6)
     # the grid's rows alternate originals and reconstructions of 32 picks spread over the 4
     pick = list(np.linspace(0, 3, 32).astype(int))
     at = [(2 * (pick.index(k) // 8) + r) * 8 + pick.index(k) % 8 for k in range(4) for r in (0, 1)]
@@ -727,10 +800,57 @@ def test_eval_scores_each_set_against_the_test_images(tiny, tmp_path, weights):
     assert len({round(res[k], 3) for k in ("rec_fid", "gen1_fid", "gen2_fid")}) == 3
 
 
-def _save(path, array):
-    np.save(path, array)
-    return path
+class MeanPixel(nn.Module):
+    """A stand-in Inception: each image's mean RGB as its 'features' (3 of them)."""
 
+    def forward(self, x):
+        return x.mean((2, 3))
+
+
+def test_real_statistics_are_cached_per_protocol(tiny, tmp_path, monkeypatch):
+    """Two runs on the same folder, lossless and with --jpeg 75: each --eval writes its own
+    statistics file, holding the mean and covariance of its own protocol's test images."""
+    run, out = tiny
+    monkeypatch.setattr(fid, "load_inception", lambda *a: MeanPixel())
+    for jpeg in ([], ["--jpeg", "75"]):
+        run("--epochs", "1", "--out", str(tmp_path / f"run{len(jpeg)}"), *jpeg)
+        bare(str(tmp_path / f"run{len(jpeg)}"), "--eval", "--n-eval", "30")
+    files = sorted((tmp_path / "cache").rglob("fid_stats_*.npz"))
+    assert [("jpeg75" in f.name) for f in files] == [False, True]
+    folder = tmp_path / "images" / "test"
+    for f, q in zip(files, (None, 75)):
+        pixels = np.stack([np.asarray(Image.open(folder / f"{i:03d}.png")) for i in range(30)])
+        if q:
+            pixels = np.stack([jpeg_round_trip(p, q) for p in pixels])
+        feats = pixels.reshape(30, -1, 3).mean(1) / 255
+        mu, sigma = fid.load_stats(f)[:2]
+        np.testing.assert_allclose(mu, feats.mean(0), rtol=1e-6)
+        np.testing.assert_allclose(sigma, np.cov(feats, rowvar=False), rtol=1e-6, atol=1e-12)
+
+
+def test_generated_images_are_rounded_to_uint8_not_truncated():
+    """Generated pixels are rounded as the real images' files are quantised: 0.7 levels give
+    1 (truncation would give 0, darkening every image by half a level), 200.2 give 200."""
+    x = torch.full((1, 3, 1, 2), 0.7 / 255)
+    x[0, :, 0, 1] = 200.2 / 255
+    assert train.to_uint8(x).tolist() == [[[[1, 1, 1], [200, 200, 200]]]]
+
+
+def test_to_uint8_inverts_batches():
+    x = np.random.default_rng(0).integers(0, 256, (7, 5, 6, 3), dtype=np.uint8)
+    (batch,) = data.Batches(x, 7, shuffle=False).epoch(0)
+    np.testing.assert_array_equal(train.to_uint8(batch), x)
+
+
+def test_heatmap_cells_and_scale(tmp_path):
+    """Row r, column c of the matrix is the cell at (8 + c * w, 36 + r * 6), w = 600 // columns,
+    coloured from dark blue (0, an active latent) through teal (0.5) to yellow (1, inactive); the
+    colour scale marks the threshold 0.8 in red at 80% of its height from the bottom."""
+    train.save_heatmap(np.array([[0.0, 1.0], [0.5, 0.25]]), tmp_path / "h.png", ["t"])
+    img = np.asarray(Image.open(tmp_path / "h.png").convert("RGB"))
+    assert [tuple(img[36 + y, 8 + x]) for y, x in ((0, 0), (0, 300), (6, 0), (6, 300))] == \
+        [(20, 30, 90), (250, 230, 60), (40, 150, 140), (30, 90, 115)]
+    assert tuple(img[round(36 + 0.2 * 99), 600 + 40]) == (255, 0, 0)
 
 
 @pytest.fixture(autouse=True)
@@ -1878,56 +1998,14 @@ def test_fast_step_equals_plain_step(variant):
         torch.testing.assert_close(w_fast[k], w_plain[k], rtol=1e-4, atol=5e-5)
 
 
-def test_to_uint8_inverts_batches():
-    x = np.random.default_rng(0).integers(0, 256, (7, 5, 6, 3), dtype=np.uint8)
-    (batch,) = data.Batches(x, 7, shuffle=False).epoch(0)
-    np.testing.assert_array_equal(data.to_uint8(batch), x)
-
-
-def test_heatmap_cells_and_scale(tmp_path):
-    """Row r, column c of the matrix is the cell at HEAT_ORIGIN + (c * w, r * h), coloured from
-    dark blue (0, an active latent) through teal (0.5) to yellow (1, inactive); the colour scale
-    marks the threshold 0.8 in red at 80% of its height from the bottom."""
-    train.save_heatmap(np.array([[0.0, 1.0], [0.5, 0.25]]), tmp_path / "h.png", "title",
-                       cell=(3, 2))
-    img = np.asarray(Image.open(tmp_path / "h.png").convert("RGB"))
-    x0, y0 = train.HEAT_ORIGIN
-    assert [tuple(img[y0 + y, x0 + x]) for y, x in ((0, 0), (0, 3), (2, 0), (3, 5))] == \
-        [(20, 30, 90), (250, 230, 60), (40, 150, 140), (30, 90, 115)]
-    bx, bh = x0 + 2 * 3 + 20, 100
-    assert tuple(img[round(y0 + 0.2 * (bh - 1)), bx + 14]) == (255, 0, 0)
-
-
-@pytest.mark.parametrize("n, ticks", [(1, [1]), (3, [1, 2, 3]), (10, list(range(1, 11))),
-                                      (21, [1, 5, 10, 15, 20]), (700, [1, *range(100, 701, 100)])])
-def test_epoch_ticks(n, ticks):
-    assert train.epoch_ticks(n) == ticks
-
-
-@pytest.mark.parametrize("lo, hi, ticks", [(0.08, 1.1, [0.1, 0.2, 0.5, 1]),
-                                           (0.011, 0.9, [0.02, 0.05, 0.1, 0.2, 0.5]),
-                                           (0.11, 0.19, [0.12, 0.14, 0.16, 0.18])])
-def test_axis_ticks(lo, hi, ticks):
-    """1, 2, 5 per decade; over less than a factor of ~5, evenly spaced round numbers."""
-    assert train.axis_ticks(lo, hi) == pytest.approx(ticks)
-
-
-def test_gamma_plot_spans_the_epochs(tmp_path):
-    """Epoch 1 is at the left edge of the frame and epoch n at the right one."""
-    train.save_curves({"gamma": [0.5, 0.3, 0.2]}, tmp_path / "g.png", "t", w=300, h=200, m=40)
-    red = np.argwhere(np.all(np.asarray(Image.open(tmp_path / "g.png").convert("RGB"))
-                             == (255, 0, 0), -1))
-    # the frame runs from m = 40 to w - m / 2 = 280; each epoch's dot has a radius of 2
-    assert (red[:, 1].min(), red[:, 1].max()) == (40 - 2, 280 + 2)
-
-
 def test_bench_prints_rates_and_speed_up(capsys):
     """The printed figures agree with each other: images/s = batch / (ms/step), and the speed-up
     is the plain step's time over the configured one's."""
     train.main([*TINY, "--bench", "--dataset", "folder"])
     out = capsys.readouterr().out
-    ips, ms = map(float, re.search(r"([\d.]+) images/s\s+([\d.]+) ms/step", out).groups())
-    assert ips == pytest.approx(10 / ms * 1000, rel=0.01)  # batch 10
-    ms_plain, speedup = map(float, re.search(r"([\d.]+) ms/step  -> speed-up ([\d.]+)x",
-                                             out).groups())
-    assert speedup == pytest.approx(ms_plain / ms, rel=0.02)
+    rates = re.findall(r"batch 10, (.*): ([\d.]+) images/s, ([\d.]+) ms/step", out)
+    assert [r[0] for r in rates] == ["plain fp32 NCHW step", "amp none, compile False"]
+    for _, ips, ms in rates:
+        assert float(ips) == pytest.approx(10 / float(ms) * 1000, rel=0.01)
+    speedup = float(re.search(r"speed-up of the configured step: ([\d.]+)x", out).group(1))
+    assert speedup == pytest.approx(float(rates[0][2]) / float(rates[1][2]), rel=0.02)

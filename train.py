@@ -4,28 +4,25 @@
     python train.py --dataset cifar10 --stage 2   # stage-2 VAE on the stage-1 latents
     python train.py --dataset cifar10 --eval      # REC / GEN-1 / GEN-2 FID, mse, variance law
 
-Every default is the paper's value for the dataset (4.1 CIFAR-10, 4.2 CelebA; where the paper
-is silent, the authors' released code). --out receives stage1.pt / stage2.pt (model, optimizer,
-config, epoch, RNG state, metric rows), metrics.jsonl, sample grids, latent_variance.png (Fig.
-6-7) and gamma.png. A checkpoint records its data and settings; --resume, stage 2 and --eval
-take them from it and refuse a flag or data that contradicts them.
+A new run takes the paper's settings for its dataset, image size and stage (4.1 CIFAR-10, 4.2
+CelebA; where it is silent, the released code's), then the flags given. --resume, stage 2 and
+--eval take them from the checkpoint and refuse a flag that contradicts it. The data is its
+settings and each split's image count, so a moved folder is the same data. --out receives
+stage{1,2}.pt, metrics_stage{1,2}.jsonl, sample grids and latent_variance.png (Fig. 6-7).
 
 Deviations from the paper and the released code:
-- Epoch e's order and stage-2 noise are drawn from (seed, e), so a resumed run repeats an
-  uninterrupted one exactly on the CPU. Checkpoints are written after each epoch; an
-  interruption loses the epoch in progress.
-- The per-epoch sample grids run batch norm on batch statistics; --eval uses the moving
-  averages, as the paper's evaluation does. After a short run the two differ (README).
+- Epoch e's order and noise are drawn from (seed, e), so a resume repeats an uninterrupted run
+  on the CPU. A checkpoint is written after each epoch: Ctrl-C loses the epoch in progress.
+- The per-epoch grids run batch norm on batch statistics; --eval on the moving averages, as the
+  paper's evaluation does. After a short run the two differ (README).
 - CelebA l2: the paper (4.2) adds 0.001 * sum(w^2) over the resampling kernels to the loss; the
   released code defines that regulariser but never adds it. We follow the paper.
-- Evaluation: the paper's protocol only. The released adjust=True also rescales the
-  reconstructions' pixel std to the test set's (REC FID and mse), GEN-1 latents by sqrt(variance
-  law) when its variance-loss ratio exceeds 0.25, and GEN-2 latents per batch of 100; none of
-  that is done here (--latent-norm is the paper's GEN-2 normalisation, over all samples).
+- Evaluation: the paper's protocol. The released adjust=True also rescales the reconstructions'
+  pixel std, GEN-1 latents by sqrt(variance law) and GEN-2 latents per batch of 100; not here
+  (--latent-norm is the paper's GEN-2 normalisation, over all samples).
 """
 import argparse
 import copy
-import hashlib
 import json
 import math
 import os
@@ -47,36 +44,39 @@ PAPER = {"cifar10": dict(epochs=(700, 1400), lr=(1e-4, 1e-4), halve_every=(200, 
          "celeba": dict(epochs=(70, 140), lr=(5e-5, 5e-5), halve_every=(60, 120))}
 DATA = ("dataset", "img_size", "resize", "jpeg", "limit", "seed")
 ARCH1 = ("latent_dim", "base_dim", "fc_dim", "num_scale", "block_per_scale", "depth_per_block")
-ARCH2 = ("second_dim", "second_depth")
-TRAINING = ("gamma", "lr", "halve_every", "batch_size", "kl_weight", "l2")
+SPLIT = ("data_dir", "img_size", "resize", "jpeg")  # data.load_split's, after the split
+FLAGS = DATA + ARCH1[:4] + ("second_dim", "gamma", "lr", "halve_every", "batch_size",
+                            "kl_weight", "l2")  # the settings a flag may give
 
 
 def paper_defaults(dataset, side, stage):
-    """Every setting of a stage as the paper (or, where silent, the released code) has it."""
-    paper, s = PAPER["celeba" if dataset == "celeba" or side >= 64 else "cifar10"], stage - 1
+    """Every setting of a stage as the paper (or, where silent, the released code) has it:
+    CelebA's for its 64x64 images and any as large, else CIFAR-10's."""
+    celeba, s = dataset == "celeba" or side >= 64, stage - 1
+    paper = PAPER["celeba" if celeba else "cifar10"]
     return dict(
-        resize="bilinear", jpeg=None, limit=None, seed=0, gamma="computed", batch_size=100,
-        epochs=paper["epochs"][s], lr=paper["lr"][s], halve_every=paper["halve_every"][s],
+        dataset=dataset, img_size=side, resize="bilinear", jpeg=None, limit=None, seed=0,
+        gamma="computed", batch_size=100, epochs=paper["epochs"][s], lr=paper["lr"][s],
+        halve_every=paper["halve_every"][s],
         kl_weight=vae.kl_weight_for(side) if stage == 1 else 1.0,  # k = pixels/1024 (4.2)
-        l2=1e-3 if stage == 1 and side >= 64 else 0.0,  # on the resampling kernels (4.2)
+        l2=1e-3 if stage == 1 and celeba else 0.0,  # on the resampling kernels (4.2)
         latent_dim=64, base_dim=32, fc_dim=512, num_scale=max(1, int(math.log2(side)) - 2),
         block_per_scale=1, depth_per_block=2, second_dim=2048 if side <= 32 else 4096,
         second_depth=3)
 
 
-# --- Training (paper section 4): stage 1 on images, stage 2 on stage-1 latents --------------------
+# --- Training (paper section 4): stage 1 on images, stage 2 on stage-1 latents ---------------
 def make_step(model, opt, cfg, args):
-    """One training step: forward (bf16 autocast if asked), eq. 7 + k * eq. 3 (+ l2) in fp32,
-    Adam, then the gamma update. Returns detached (loss, kl, mse), mu and log sigma, without
-    reading anything back to the host."""
+    """One step: forward (bf16 autocast if asked), eq. 7 + k * eq. 3 (+ l2) in fp32, Adam, then
+    the gamma update. Returns detached (loss, kl, mse), mu and log sigma, with no host sync."""
     # On CUDA a batch of 100 small images is bound by kernel launches, not arithmetic: CUDA
     # graphs ("reduce-overhead") replay the compiled forward and backward with one launch each.
-    cuda = args.device.type == "cuda"
-    net = torch.compile(model, mode="reduce-overhead" if cuda else None) if args.compile else model
+    graphs = args.compile and args.device.type == "cuda"
+    net = torch.compile(model, mode="reduce-overhead" if graphs else None) if args.compile else model
     amp = torch.autocast(args.device.type, torch.bfloat16, enabled=args.amp == "bf16")
 
     def step(x):
-        if args.compile and cuda:
+        if graphs:
             torch.compiler.cudagraph_mark_step_begin()  # the last step's graph outputs are reused
         with amp:
             out = net(x)
@@ -88,8 +88,7 @@ def make_step(model, opt, cfg, args):
         opt.step()
         model.gamma.update(mse.detach())  # after the step: the next batch sees the new gamma
         # copies: a CUDA graph's outputs are overwritten by its next replay
-        return (torch.stack([loss, kl, mse]).detach(), out[1].detach().float().clone(),
-                out[2].detach().float().clone())
+        return torch.stack([loss, kl, mse]).detach(), *(o.detach().float().clone() for o in out[1:])
     return step
 
 
@@ -105,320 +104,255 @@ def lr_at(cfg, epoch):
 
 
 def train(args):
-    stage, dev = args.stage, args.device
-    path, cfg, ck, m1 = prepare(args)
+    stage, dev, out = args.stage, args.device, args.out
+    cfg, cks = configure(args)
     torch.manual_seed(cfg["seed"])
     model = build(cfg, stage).to(dev, memory_format=torch.channels_last)
     opt = make_optimizer(model, cfg["lr"], dev)
-    start, history = restore(ck, model, opt)
-    split = data.load_split(cfg["dataset"], "train", args.data_dir, cfg["img_size"],
-                            cfg["resize"], jpeg=cfg["jpeg"])
-    images, fixed = data.subset(split, cfg["limit"], cfg["seed"]), None
+    start, history = 0, []
+    if stage in cks:  # the resume: weights (gamma's estimate included) and Adam's moments
+        model.load_state_dict(cks[stage]["model"])
+        opt.load_state_dict(cks[stage]["optimizer"])
+        start, history = cks[stage]["epoch"], cks[stage]["history"]
+    split = data.load_split(cfg["dataset"], "train", *(cfg[k] for k in SPLIT))
+    images, bs = data.subset(split, cfg["limit"], cfg["seed"]), cfg["batch_size"]
+    m1, fixed = model, None  # the pictures' stage 1, and its 32 images to reconstruct
     if stage == 1:
-        batches = data.Batches(images, cfg["batch_size"], dev, seed=cfg["seed"])
+        batches = data.Batches(images, bs, dev, seed=cfg["seed"])
+        epochs, todo = batches.epoch, len(batches) * bs
         # the recon grids' 32 images, spread over the split (a folder sorted by class)
-        spread = torch.linspace(0, len(images) - 1, 32, device=dev).long()
-        fixed = batches.x[spread].permute(0, 3, 1, 2).float().div(255)
+        fixed = batches.x[np.linspace(0, len(images) - 1, 32).astype(int)]
+        fixed = fixed.permute(0, 3, 1, 2).float() / 255
     else:
-        batches = Latents(*encode_all(m1, images, dev), cfg["batch_size"], cfg["seed"])
-    print_start(args, cfg, model, len(images), len(split), start)
+        m1 = load_model(cks[1], 1, dev)
+        epochs, todo = latent_batches(m1, images, bs, cfg["seed"], dev)
+    drawn = f" of {len(split)} (drawn from seed {cfg['seed']})" * (len(images) < len(split))
+    print(f"stage {stage} on {describe(dev)}: {cfg['dataset']} {len(images)}{drawn} train images "
+          f"{cfg['img_size']}x{cfg['img_size']}, {sum(p.numel() for p in model.parameters()):,} "
+          f"parameters, {cfg['gamma']} gamma, lr {cfg['lr']:g}, batch {bs}; "
+          f"{f'resuming at epoch {start + 1}' if start else 'new run'}, {cfg['epochs']} epochs in "
+          f"all; out {out}", flush=True)
     step = make_step(model, opt, cfg, args)
-    m1, m2 = (m1, model) if stage == 2 else (model, None)  # the pictures' decoder and stage 2
-    for epoch in range(start, args.epochs):
-        lr = lr_at(cfg, epoch)
+    for epoch in range(start, cfg["epochs"]):
         for group in opt.param_groups:
-            group["lr"] = lr
-        t0 = time.time()
+            group["lr"] = lr = lr_at(cfg, epoch)
+        # the step's noise, like the batches' order, from (seed, epoch): a resume needs no state
+        torch.manual_seed(data.epoch_generator(cfg["seed"], epoch).initial_seed())
+        t0, rec = time.time(), []
         model.train()
-        rec, mus, logsds = [], [], []  # kept on the device, read back once per epoch
-        todo = len(batches) * cfg["batch_size"]
-        for x in data.progress(batches.epoch(epoch), todo, f"stage {stage} epoch {epoch + 1}/"
-                               f"{args.epochs}", leave=False):
-            r, mu, logsd = step(x)  # eq. 7 + k * eq. 3, Adam, then the gamma update
-            rec.append(r), mus.append(mu), logsds.append(logsd)
-        loss, kl, mse = torch.stack(rec).mean(0).tolist()
+        for x in data.progress(epochs(epoch), todo, f"stage {stage} epoch {epoch + 1}/"
+                               f"{cfg['epochs']}", leave=False):
+            rec.append(step(x))  # eq. 7 + k * eq. 3, Adam, the gamma update; kept on the device
+        (loss, kl, mse), mu, logsd = torch.stack([r[0] for r in rec]).mean(0).tolist(), *(
+            torch.cat([r[i] for r in rec]) for i in (1, 2))
         if not math.isfinite(loss):
-            raise DataError(f"non-finite loss in epoch {epoch + 1}; training stopped and {path} "
-                            "keeps the last finished epoch (if any): try a lower --lr or --amp "
-                            "none.")
-        stats, e_var = vae.latent_summary(torch.cat(mus), torch.cat(logsds))  # eq. 6, fn. 3
+            raise DataError(f"non-finite loss in epoch {epoch + 1}; {ckpt(out, stage)} keeps the "
+                            "last finished epoch (if any): try a lower --lr or --amp none")
+        stats, e_var = vae.latent_summary(mu, logsd)  # eq. 6, footnote 3
         seconds = time.time() - t0
-        row = dict(stage=stage, epoch=epoch + 1, loss=loss, kl=kl, mse=mse,
-                   gamma=model.gamma().item(), **stats, lr=lr, seconds=seconds,
-                   images_per_s=todo / seconds, latent_var=[round(v, 5) for v in e_var.tolist()])
-        history.append(row)
-        save_checkpoint(path, cfg, model, opt, epoch + 1, history)
-        print(f"stage {stage} epoch {epoch + 1}/{args.epochs}  loss {loss:.2f}  mse {mse:.5f}  "
-              f"kl {kl:.2f}  gamma {row['gamma']:.4f}  var_law {row['var_law']:.3f}  inactive "
-              f"{row['inactive']}/{len(e_var)} (E[sigma]: {row['inactive_code']})  lr {lr:.2e}  "
-              f"{todo / seconds:.0f} img/s  {seconds:.1f}s", flush=True)
-        model.eval()
-        grids = (epoch + 1) % args.sample_every == 0 or epoch + 1 == args.epochs
-        tag = f"{'stage2_' * (stage == 2)}e{epoch + 1:04d}"
-        write_pictures(history, m1, m2, fixed, args.out, tag, cfg["seed"], grids)
+        history.append(dict(stage=stage, epoch=epoch + 1, loss=loss, kl=kl, mse=mse,
+                            gamma=model.gamma().item(), **stats, lr=lr, seconds=seconds,
+                            images_per_s=todo / seconds, latent_var=e_var.tolist()))
+        save_checkpoint(out, stage, dict(config=cfg, model=model.state_dict(), epoch=epoch + 1,
+                                         optimizer=opt.state_dict(), history=history))
+        print(f"stage {stage} epoch {epoch + 1}/{cfg['epochs']}  loss {loss:.2f}  mse {mse:.5f}  "
+              f"kl {kl:.2f}  gamma {history[-1]['gamma']:.4f}  var_law {stats['var_law']:.3f}  "
+              f"inactive {stats['inactive']}/{len(e_var)} (E[sigma]: {stats['inactive_code']})  "
+              f"lr {lr:.2e}  {todo / seconds:.0f} img/s  {seconds:.1f}s", flush=True)
+        grids = (epoch + 1) % args.sample_every == 0 or epoch + 1 == cfg["epochs"]
+        write_pictures(history, m1, model if stage == 2 else None, fixed, out, cfg["seed"], grids)
 
 
-class Latents:
+def latent_batches(m1, images, batch_size, seed, device):
     """Stage-2 data (Dai & Wipf): the training set encoded once by the frozen stage-1 encoder;
-    every epoch a fresh z = mu + sigma * eps, shuffled, in minibatches."""
+    epoch e's minibatches of a fresh z = mu + sigma * eps, shuffled, drawn from (seed, e)."""
+    if len(images) < batch_size:
+        raise DataError(f"{len(images)} images do not make one batch of {batch_size}: lower "
+                        "--batch-size")
+    with torch.no_grad():
+        mu, logsd = map(torch.cat, zip(*map(m1.encode, data.Batches(
+            images, 500, device, shuffle=False, drop_last=False).epoch(0))))
 
-    def __init__(self, mu, logsd, batch_size, seed):
-        self.mu, self.sd, self.batch_size, self.seed = mu, logsd.exp(), batch_size, seed
-        if len(self) == 0:
-            raise DataError(f"{len(mu)} training images do not make one batch of {batch_size}: "
-                            "lower --batch-size")
-
-    def __len__(self):
-        return len(self.mu) // self.batch_size
-
-    def epoch(self, e):
-        g = data.epoch_generator(self.seed, e)
-        z = self.mu + self.sd * vae.randn(g, *self.mu.shape, device=self.mu.device)
-        perm = torch.randperm(len(z), generator=g).to(z.device)
-        return z[perm].split(self.batch_size)[:len(self)]
+    def epoch(e):
+        g = data.epoch_generator(seed, e)
+        z = mu + logsd.exp() * vae.randn(g, *mu.shape, device=device)
+        z = z[torch.randperm(len(z), generator=g).to(device)]
+        return z.split(batch_size)[:len(z) // batch_size]  # whole batches only, as stage 1's
+    return epoch, len(mu) // batch_size * batch_size
 
 
-@torch.no_grad()
-def encode_all(model, images, device):
-    batches = data.Batches(images, 500, device, shuffle=False, drop_last=False)
-    mu, logsd = zip(*map(model.encode, batches.epoch(0)))
-    return torch.cat(mu), torch.cat(logsd)
+# --- Settings, data and stage links: one rule each (the module docstring) --------------------
+def configure(args):
+    """The run's settings and the checkpoints it uses ({stage: checkpoint}), all checked."""
+    stage, out, old = 1 if args.eval else args.stage, args.out, args.resume or args.eval
+    if not args.eval and stage == 1 and os.path.exists(ckpt(out, 2)):
+        raise DataError(f"{ckpt(out, 2)} was trained on stage 1 as it is now: move stage2.pt "
+                        "away first (or choose another --out), then train stage 1 further")
+    if os.path.exists(ckpt(out, stage)) and not old:
+        raise DataError(f"{ckpt(out, stage)} exists: add --resume to continue it, or choose "
+                        "another --out for a new run")
+    cks = {s: load_checkpoint(out, s, args.device) for s in (1, 2) if s < stage or s == stage
+           and old or args.eval and os.path.exists(ckpt(out, s))}
+    flags = given(args)
+    own = cks.get(stage)  # a resume's or --eval's: every setting; a new stage 2: stage 1's data
+    src = ckpt(out, stage if own else 1)
+    fixed = own["config"] if own else {k: cks[1]["config"][k] for k in
+                                       DATA + ARCH1 + ("images", "data_dir")} if cks else {}
+    for k, v in flags.items():
+        if k in fixed and fixed[k] != v:
+            raise DataError(f"{words(k, v)} contradicts {src}, made with {words(k, fixed[k])}: "
+                            "leave the flag out, or choose another --out")
+    cfg = dict(fixed)
+    if not own:
+        dataset = fixed.get("dataset") or flags.get("dataset", "cifar10")
+        side = (fixed.get("img_size") or flags.get("img_size")
+                or data.choose_img_size(dataset, args.data_dir or "data")[0])
+        cfg = paper_defaults(dataset, side, stage) | flags | fixed
+        cfg["stage1_epoch"] = cks[1]["epoch"] if stage == 2 else None
+    cfg["epochs"] = args.epochs or cfg["epochs"]  # the one setting a resume may change
+    cfg["data_dir"] = os.path.abspath(args.data_dir or cfg.get("data_dir") or "data")
+    now = {s: data.split_size(cfg["dataset"], s, cfg["data_dir"]) for s in ("train", "test")}
+    if cfg.setdefault("images", now) != now:
+        raise DataError(f"{src} was trained on {cfg['images']['train']} train and "
+                        f"{cfg['images']['test']} test images, but {cfg['data_dir']} has "
+                        f"{now['train']} and {now['test']}: give --data-dir the run's data")
+    if 2 in cks and cks[2]["config"]["stage1_epoch"] != cks[1]["epoch"]:
+        raise DataError(f"{ckpt(out, 2)} was trained on stage 1 at epoch "
+                        f"{cks[2]['config']['stage1_epoch']}, but {ckpt(out, 1)} is now at epoch "
+                        f"{cks[1]['epoch']}: move stage2.pt away, then train stage 2 afresh or "
+                        "evaluate stage 1 alone")
+    if not args.eval and stage in cks and cks[stage]["epoch"] >= cfg["epochs"]:
+        raise DataError(f"{ckpt(out, stage)} has trained {cks[stage]['epoch']} epochs already: "
+                        "pass a larger --epochs (the stage's total) to train more")
+    return cfg, cks
 
 
-def prepare(args):
-    """This stage's checkpoint path, the run's configuration, the checkpoint to resume (or None)
-    and for stage 2 the frozen stage-1 model, all checked against each other and the data."""
-    stage, out = args.stage, args.out
-    path = checkpoint_path(out, stage)
-    if os.path.exists(path) and not args.resume:
-        raise DataError(f"{path} exists: pass --resume to continue it, or delete it / choose "
-                        "another --out to start over.")
-    ck = load_checkpoint(out, stage, args.device) if args.resume else None
-    m1, ck1 = load_model(out, 1, args.device) if stage == 2 else (None, None)
-    cfg = settle(args, stage, ck, ck1)
-    for c in (ck1, ck):  # the data and stage 1 the run was trained on
-        cfg |= {k: c["config"][k] for k in ("data_id", "stage1") if c and k in c["config"]}
-    check_data(cfg, args.data_dir, checkpoint_path(out, 1) if ck1 and not ck else path)
+def given(args):
+    """The settings given as flags: one left out is None, so it never contradicts anything."""
+    return {k: getattr(args, k) for k in FLAGS if getattr(args, k) is not None}
+
+
+def words(key, value):
+    """A setting as a user says it, not as Python prints it."""
+    if value is None:
+        return {"jpeg": "no JPEG round trip", "limit": "all images"}[key]
+    return f"{flag(key)} {value:g}" if isinstance(value, float) else f"{flag(key)} {value}"
+
+
+def flag(key):
+    return "--" + key.replace("_", "-")
+
+
+def ckpt(out, stage):
+    return os.path.join(out, f"stage{stage}.pt")
+
+
+def load_checkpoint(out, stage, device):
+    if not os.path.exists(ckpt(out, stage)):
+        raise DataError(f"no checkpoint at {ckpt(out, stage)}: train stage {stage} first "
+                        f"(python train.py --stage {stage} --out {out})")
+    try:
+        return torch.load(ckpt(out, stage), map_location=device, weights_only=True)
+    except Exception as e:  # torch's own message suggests weights_only=False: unsafe advice
+        raise DataError(f"{ckpt(out, stage)} cannot be read ({type(e).__name__}): it is "
+                        "truncated, corrupt or not a checkpoint of this program; delete it and "
+                        "train again, or point --out at an intact run") from None
+
+
+def save_checkpoint(out, stage, state):
+    """The checkpoint, then this stage's metrics rewritten from it, each written beside and
+    renamed: a kill at any moment leaves both whole and in agreement."""
+    data.atomic_write(ckpt(out, stage), lambda f: torch.save(state, f))
+    lines = "".join(json.dumps(r) + "\n" for r in state["history"]).encode()
+    data.atomic_write(os.path.join(out, f"metrics_stage{stage}.jsonl"), lambda f: f.write(lines))
+
+
+def build(cfg, stage):
     if stage == 2:
-        check_pair(cfg, ck1, out)
-    if ck and ck["epoch"] >= args.epochs:
-        raise DataError(f"{path} has trained {ck['epoch']} epochs already: pass a larger --epochs "
-                        "(the stage's total) to train more")
-    return path, cfg, ck, m1
+        return vae.SecondStage(cfg["latent_dim"], cfg["second_dim"], cfg["second_depth"],
+                               cfg["gamma"])
+    try:
+        return vae.VAE(cfg["img_size"], *(cfg[k] for k in ARCH1), gamma=cfg["gamma"])
+    except ValueError as e:  # checked before any data is decoded
+        raise DataError(f"{e}: choose another --img-size or --num-scale") from None
 
 
-def restore(ck, model, opt):
-    """(epoch, metric rows) to continue from: a checkpoint's, with its weights (gamma's estimate
-    included), Adam's moments and the RNG state; (0, []) for a new run."""
-    if ck is None:
-        return 0, []
+def load_model(ck, stage, device):
+    model = build(ck["config"], stage).to(device, memory_format=torch.channels_last)
     model.load_state_dict(ck["model"])
-    opt.load_state_dict(ck["optimizer"])
-    torch.set_rng_state(ck["rng"]["cpu"])
-    dev = next(model.parameters()).device
-    if dev.type == "cuda" and "cuda" in ck["rng"]:
-        torch.cuda.set_rng_state(ck["rng"]["cuda"], dev)
-    return ck["epoch"], ck["history"]
+    return model.eval()
 
 
-def save_checkpoint(path, cfg, model, opt, epoch, history):
-    """The checkpoint, then metrics.jsonl rewritten from it: the earlier stages' lines and this
-    stage's rows. Each is written beside and renamed, so a kill at any moment leaves both whole
-    and in agreement."""
-    rng = {"cpu": torch.get_rng_state()}
-    dev = next(model.parameters()).device
-    if dev.type == "cuda":
-        rng["cuda"] = torch.cuda.get_rng_state(dev)
-    state = dict(config=cfg, model=model.state_dict(), optimizer=opt.state_dict(), epoch=epoch,
-                 rng=rng, history=history)
-    data.atomic_write(path, lambda f: torch.save(state, f))
-    metrics, stage = os.path.join(os.path.dirname(path), "metrics.jsonl"), history[0]["stage"]
-    rows = []
-    if os.path.exists(metrics):
-        with open(metrics) as f:
-            rows = [r for r in map(json.loads, f) if r["stage"] < stage]
-    lines = "".join(json.dumps(r) + "\n" for r in rows + history)
-    data.atomic_write(metrics, lambda f: f.write(lines.encode()))
-
-
-def print_start(args, cfg, model, n, n_split, start):
-    """One line before the first step: what runs where, and from which point."""
-    side = cfg["img_size"]
-    drawn = f" of {n_split} (drawn from seed {cfg['seed']})" if n < n_split else ""
-    why = f" ({cfg['img_size_why']})" if cfg.get("img_size_why") else ""
-    params = sum(p.numel() for p in model.parameters())
-    at = f"resuming at epoch {start + 1}" if start else "new run"
-    print(f"stage {args.stage} on {data.describe(args.device)}: {cfg['dataset']} {n}{drawn} "
-          f"train images {side}x{side}{why}, {params:,} parameters, {cfg['gamma']} gamma, "
-          f"lr {cfg['lr']:g}, batch {cfg['batch_size']}, {at}, {args.epochs} epochs in all; "
-          f"out {args.out}", flush=True)
-
-
-# --- Evaluation (paper 4-5): REC, GEN-1, GEN-2 FID on 10,000 test images, mse, eq. 6, footnote 3 --
+# --- Evaluation (paper 4-5): REC, GEN-1, GEN-2 FID on 10,000 test images, mse, eq. 6, fn. 3 --
 @torch.no_grad()
 def evaluate(args):
     dev, out = args.device, args.out
-    m1, ck = load_model(out, 1, dev)
-    m2 = ck2 = None
-    if os.path.exists(checkpoint_path(out, 2)):
-        m2, ck2 = load_model(out, 2, dev)
-        check_pair(ck2["config"], ck, out)
-    elif args.latent_norm:
+    cfg, cks = configure(args)
+    if args.latent_norm and 2 not in cks:
         raise DataError("--latent-norm rescales two-stage samples, but there is no stage2.pt")
-    cfg = settle(args, 1, ck1=ck) | {"data_id": ck["config"]["data_id"]}
-    check_data(cfg, args.data_dir, checkpoint_path(out, 1))
-    split = data.load_split(cfg["dataset"], "test", args.data_dir, cfg["img_size"],
-                            cfg["resize"], jpeg=cfg["jpeg"])
+    if not args.no_fid:  # first: offline, the weights fail in seconds, not after the sampling
+        import fid
+        net = fid.load_inception(args.inception, args.inception_weights, dev)
+    m1, m2 = (load_model(cks[s], s, dev) if s in cks else None for s in (1, 2))
+    split = data.load_split(cfg["dataset"], "test", *(cfg[k] for k in SPLIT))
     # n test images drawn from the seed when the split is larger: a folder sorted by class, or
     # CelebA's 19,962, of which the released code evaluates a random 10,000
     n = min(args.n_eval, len(split))
     test = data.subset(split, n, cfg["seed"]) if n < len(split) else split
-    g = torch.Generator().manual_seed(cfg["seed"])
-    recon, mus, logsds, sse = [], [], [], 0
-    for x in data.Batches(test, 500, dev, shuffle=False, drop_last=False).epoch(0):
+    g, rec, sse = torch.Generator().manual_seed(cfg["seed"]), [], 0
+    for x in data.progress(data.Batches(test, 500, dev, False, False).epoch(0), n, "REC"):
         r, mu, logsd = vae.reconstruct(m1, x, g)  # REC: a sampled z decoded, as released
         sse = sse + (x - r).square().sum()  # on the device; read once below
-        recon.append(data.to_uint8(r)), mus.append(mu), logsds.append(logsd)
-    stats, e_var = vae.latent_summary(torch.cat(mus), torch.cat(logsds))
-    sets = dict(rec=np.concatenate(recon),  # GEN-1: z ~ N(0, I)
-                gen1=decode_all(m1, vae.sample_latents(m1, None, n, g, dev)))
+        rec.append((to_uint8(r), mu, logsd))
+    stats, e_var = vae.latent_summary(*(torch.cat([r[i] for r in rec]) for i in (1, 2)))
+    sets = dict(rec=np.concatenate([r[0] for r in rec]),  # GEN-1: z ~ N(0, I)
+                gen1=decode_all(m1, vae.sample_latents(m1, None, n, g, dev), "GEN-1"))
     if m2 is not None:  # GEN-2: u ~ N(0, I) -> stage-2 decoder -> z -> stage-1 decoder
         z = vae.sample_latents(m1, m2, n, g, dev)
         if args.latent_norm:  # paper 4.2: mean per-latent std of generated z := sqrt(var law)
             z = z * (math.sqrt(stats["var_law"]) / z.std(0).mean())
-        sets["gen2"] = decode_all(m1, z)
+        sets["gen2"] = decode_all(m1, z, "GEN-2")
     res = dict(rec_fid=None, gen1_fid=None, gen2_fid=None, mse=sse.item() / test.size, **stats,
-               n=n, inception=None if args.no_fid else args.inception, inception_weights=None,
-               latent_norm=args.latent_norm, epochs=ck["epoch"], epochs2=ck2 and ck2["epoch"])
-    if not args.no_fid:
-        import fid
-        net = fid.load_inception(args.inception, args.inception_weights, dev)
-        res["inception_weights"] = net.weights_id  # FIDs compare only under the same weights
-        which = (f"test-{cfg['resize']}" + f"-jpeg{cfg['jpeg']}" * bool(cfg["jpeg"])
-                 + f"-seed{cfg['seed']}" * (n < len(split)))
-        name = f"fid_stats_{cfg['dataset']}_{which}_{cfg['img_size']}px_n{n}_{net.weights_id}.npz"
-        # beside the split's own cache (never inside a user's image folder)
-        real = fid.cached_stats(os.path.join(os.path.dirname(split.filename), name),
-                                lambda: fid.feature_stats(net, test, desc="FID real"),
-                                net.weights_id)
+               n=n, inception=None if args.no_fid else args.inception,
+               latent_norm=args.latent_norm, epochs=cks[1]["epoch"], epochs2=m2 and cks[2]["epoch"])
+    if not args.no_fid:  # the real side cached per data protocol, network and n, beside the
+        # split's own cache (never inside a user's image folder)
+        name = "_".join(["fid_stats", cfg["dataset"], "test", cfg["resize"],
+                         f"{cfg['img_size']}px"] + [f"jpeg{cfg['jpeg']}"] * bool(cfg["jpeg"])
+                        + [f"seed{cfg['seed']}"] * (n < len(split)) + [f"n{n}", args.inception])
+        real = fid.cached_stats(os.path.join(os.path.dirname(split.filename), name + ".npz"),
+                                lambda: fid.feature_stats(net, test, desc="FID real"))
         for k, imgs in sets.items():
             res[f"{k}_fid"] = fid.frechet_distance(*real, *fid.feature_stats(
                 net, imgs, desc=f"FID {k}"))
     pick = np.linspace(0, n - 1, 32).astype(int)  # spread over a split sorted by class
     sets["recon"] = side_by_side(test[pick], sets.pop("rec")[pick])
     for k, imgs in sets.items():
-        data.save_grid(imgs[:64], os.path.join(out, f"eval_{k}.png"))
+        save_grid(imgs[:64], os.path.join(out, f"eval_{k}.png"))
     text = json.dumps(res, indent=1).encode()
     data.atomic_write(os.path.join(out, "eval.json"), lambda f: f.write(text))
-    f, k = (lambda v: "-" if v is None else f"{v:.1f}"), len(e_var)
-    print(f"{'epochs':>8} {'REC':>6} {'GEN-1':>6} {'GEN-2':>6} {'mse':>7} {'var.law':>8} "
-          f"{'inactive':>9}   (n={n}, FID: {res['inception'] or 'skipped'}"
-          f"{', latent norm' if args.latent_norm else ''})")
-    print(f"{res['epochs']:>8} {f(res['rec_fid']):>6} {f(res['gen1_fid']):>6} "
-          f"{f(res['gen2_fid']):>6} {res['mse']:7.4f} {res['var_law']:8.3f} "
-          f"{res['inactive']:>6}/{k}   E[sigma^2], the paper's definition")
-    print(f"{'':>37} {res['var_law_code']:8.3f} {res['inactive_code']:>6}/{k}   E[sigma], "
-          "as the released code computes them")
+    fids, k = [f"{res[f'{s}_fid'] or 0:6.1f}" if res[f"{s}_fid"] else "     -" for s in (
+        "rec", "gen1", "gen2")], len(e_var)
+    print(f"  epochs    REC  GEN-1  GEN-2     mse  var.law  inactive   (n={n}, FID: "
+          f"{res['inception'] or 'skipped'}{', latent norm' * args.latent_norm})\n"
+          f"{res['epochs']:>8} {' '.join(fids)} {res['mse']:7.4f} "
+          f"{res['var_law']:8.3f} {res['inactive']:>6}/{k}   E[sigma^2], the paper's definition\n"
+          f"{'':>37} {res['var_law_code']:8.3f} {res['inactive_code']:>6}/{k}   E[sigma], as the "
+          "released code computes them")
     return res
 
 
-# --- Checkpoints: a run's pieces belong together --------------------------------------------------
-def checkpoint_path(out, stage):
-    return os.path.join(out, f"stage{stage}.pt")
+# --- Pictures (Pillow only): sample grids, the latent-variance heatmap (Fig. 6-7) -------------
+def to_uint8(x):
+    """Float images (N, 3, H, W) in [0, 1] -> uint8 (N, H, W, 3) on the host, rounded as the
+    real images' files are quantised (truncation would darken every pixel by half a level)."""
+    return (x.float() * 255).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
 
 
-def load_checkpoint(out, stage, device):
-    path = checkpoint_path(out, stage)
-    if not os.path.exists(path):
-        raise DataError(f"no checkpoint at {path}: train stage {stage} first (python train.py "
-                        f"--stage {stage} with the same --out and data options).")
-    try:
-        return torch.load(path, map_location=device, weights_only=True)
-    except Exception as e:  # torch's own message suggests weights_only=False: unsafe advice
-        raise DataError(f"checkpoint {path} cannot be read ({type(e).__name__}): it is truncated, "
-                        "corrupt or not a checkpoint of this program; delete it and train again, "
-                        "or point --out at an intact run.") from None
-
-
-def settle(args, stage, ck=None, ck1=None):
-    """The run's configuration: what a checkpoint fixes (data and architecture from stage1.pt
-    for stage 2 and --eval; every setting from the stage's own checkpoint on --resume), else the
-    flags, else the paper's. A flag contradicting a checkpoint is refused, not applied: a run
-    stays one procedure of the paper, its metrics comparable and its resume exact."""
-    cfg = {}
-    for c, s, keys in ((ck1, 1, DATA + ARCH1), (ck, stage, DATA + ARCH1 + ARCH2 + TRAINING)):
-        for k in keys if c else ():
-            if getattr(args, k) not in (None, c["config"][k]):
-                raise DataError(f"stage{s}.pt in {args.out} was made with --{flag(k)} "
-                                f"{c['config'][k]}, not {getattr(args, k)}: leave the flag out "
-                                "to continue it, or choose another --out for a new run")
-            cfg[k] = c["config"][k]
-    cfg.setdefault("dataset", args.dataset)
-    if "img_size" not in cfg:
-        cfg["img_size"] = args.img_size
-        if args.img_size is None:  # the paper's, or a folder's own
-            cfg["img_size"], cfg["img_size_why"] = data.choose_img_size(args.dataset,
-                                                                         args.data_dir)
-    defaults = paper_defaults(cfg["dataset"], cfg["img_size"], stage)
-    epochs = defaults.pop("epochs")  # the stage's total, the one setting a resume may change
-    args.epochs = args.epochs or epochs
-    for k, v in defaults.items():
-        cfg.setdefault(k, v if getattr(args, k) is None else getattr(args, k))
-    return cfg
-
-
-def check_data(cfg, data_dir, source):
-    """Record the data a new run trains on; refuse data other than the recorded."""
-    now = data.fingerprint(cfg["dataset"], data_dir, cfg["img_size"], cfg["resize"], cfg["jpeg"])
-    then = cfg.setdefault("data_id", now)
-    diff = [f"{k} {then.get(k)}, now {now.get(k)}" for k in sorted({*now, *then})
-            if now.get(k) != then.get(k)]
-    if diff:
-        raise DataError(f"{source} was trained on other data than --data-dir {data_dir} holds "
-                        f"now ({'; '.join(diff)}): point --data-dir at the run's data")
-
-
-def fingerprint(state_dict):
-    """16 hex digits of SHA-256 over a state dict's tensors: which weights, not which file."""
-    h = hashlib.sha256()
-    for k in sorted(state_dict):
-        h.update(k.encode() + state_dict[k].detach().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()[:16]
-
-
-def check_pair(cfg2, ck1, out):
-    """Record the stage-1 weights a new stage 2 trains on; refuse a stage 1 changed since."""
-    want = dict(epoch=ck1["epoch"], fingerprint=fingerprint(ck1["model"]))
-    have = cfg2.setdefault("stage1", want)
-    if have != want:
-        raise DataError(f"{out}/stage2.pt was trained on stage 1 at epoch {have['epoch']} "
-                        f"(weights {have['fingerprint']}), but stage1.pt is now at epoch "
-                        f"{want['epoch']} (weights {want['fingerprint']}): train stage 2 afresh "
-                        "(delete stage2.pt, then --stage 2), or evaluate stage 1 alone by moving "
-                        "stage2.pt away")
-
-
-def build(cfg, stage):
-    if stage == 1:
-        try:
-            return vae.VAE(cfg["img_size"], *(cfg[k] for k in ARCH1), gamma=cfg["gamma"])
-        except ValueError as e:  # checked before any data is decoded (train, --bench)
-            raise DataError(f"{e}: choose another --img-size or --num-scale") from None
-    return vae.SecondStage(cfg["latent_dim"], cfg["second_dim"], cfg["second_depth"],
-                           cfg["gamma"])
-
-
-def load_model(out, stage, device):
-    ck = load_checkpoint(out, stage, device)
-    model = build(ck["config"], stage).to(device, memory_format=torch.channels_last)
-    model.load_state_dict(ck["model"])
-    return model.eval(), ck
-
-
-# --- Pictures (Pillow only): sample grids, the latent-variance heatmap (Fig. 6-7), gamma ----------
 @torch.no_grad()
-def decode_all(m1, z, batch=500):
-    return np.concatenate([data.to_uint8(m1.decode(c)) for c in z.split(batch)])
+def decode_all(m1, z, desc="decoding"):
+    chunks = data.progress(z.split(500), len(z), desc, leave=False)
+    return np.concatenate([to_uint8(m1.decode(c)) for c in chunks])
 
 
 def side_by_side(orig, recon, ncol=8):
@@ -428,252 +362,160 @@ def side_by_side(orig, recon, ncol=8):
     return pairs.reshape(-1, *orig.shape[1:])
 
 
-def epoch_ticks(n, most=10):
-    """Epoch numbers 1..n to label: 1 and multiples of 1, 2, 5, 10, 20, ... at most `most`."""
-    step = next(s * 10 ** k for k in range(8) for s in (1, 2, 5) if n / (s * 10 ** k) <= most)
-    return sorted({1, *range(step, n + 1, step)})
+def save_grid(images, path, ncol=8, pad=2):
+    """uint8 images (N, H, W, 3) as one PNG grid of `ncol` columns, white between."""
+    n, h, w, _ = images.shape
+    grid = np.full((-(-n // ncol) * (h + pad) + pad, ncol * (w + pad) + pad, 3), 255, np.uint8)
+    for i, img in enumerate(images):
+        top, left = pad + i // ncol * (h + pad), pad + i % ncol * (w + pad)
+        grid[top:top + h, left:left + w] = img
+    data.atomic_write(path, lambda f: Image.fromarray(grid).save(f, format="PNG"))
 
 
-def axis_ticks(lo, hi):
-    """Values to label on a log axis: 1, 2, 5 per decade, or evenly spaced round numbers where
-    that gives fewer than three (a narrow range, as stage 2's gamma)."""
-    decades = range(math.floor(math.log10(lo)), math.ceil(math.log10(hi)) + 1)
-    ticks = [m * 10.0 ** k for k in decades for m in (1, 2, 5) if lo <= m * 10.0 ** k <= hi]
-    if len(ticks) >= 3:
-        return ticks
-    step = next(s * 10.0 ** k for k in range(math.floor(math.log10(hi - lo)) - 1, 9)
-                for s in (1, 2, 5) if (hi - lo) / (s * 10.0 ** k) <= 6)
-    return [i * step for i in range(math.ceil(lo / step), math.floor(hi / step) + 1)]
-
-
-def label_epochs(d, n, x_of, y):
-    """Epoch ticks and their numbers below the line at height y; "epoch" under them."""
-    for e in epoch_ticks(n):
-        d.line([x_of(e), y, x_of(e), y + 4], fill="black")
-        d.text((x_of(e) - 3 * len(str(e)), y + 6), str(e), fill="black")
-    d.text(((x_of(1) + x_of(n)) / 2 - 15, y + 20), "epoch", fill="black")
-
-
-HEAT = np.array([[20, 30, 90], [40, 150, 140], [250, 230, 60]], float)  # 0 -> 0.5 -> 1
-HEAT_ORIGIN = (50, 30)  # (x, y) of the top-left cell
-
-
-def heat_colours(v):
-    """Values in [0, 1] -> RGB: dark blue 0 (active latent), teal 0.5, yellow 1 (inactive)."""
-    return np.stack([np.interp(v, (0, 0.5, 1), c) for c in HEAT.T], -1).astype(np.uint8)
-
-
-def save_heatmap(values, path, title, cell=(6, 6), threshold=0.8):
-    """E[sigma^2] per latent (rows) and epoch (columns); at the right a colour scale with the
-    inactivity threshold of footnote 3 marked."""
-    (rows, cols), (x0, y0) = values.shape, HEAT_ORIGIN
-    w, h, bh = cols * cell[0], rows * cell[1], max(rows * cell[1], 100)
-    img = Image.new("RGB", (max(x0 + w + 110, 8 + 6 * len(title)), y0 + bh + 40), "white")
+def save_heatmap(values, path, title, threshold=0.8, top=36):
+    """E[sigma^2] per latent (rows) and epoch (columns) under a title that says so; at the
+    right a colour scale with footnote 3's inactivity threshold marked."""
+    # 0 dark blue (an active latent), 0.5 teal, 1 yellow (inactive): R, G and B at 0, 0.5, 1
+    heat_colours = lambda v: np.stack([np.interp(v, (0, 0.5, 1), c) for c in (
+        (20, 40, 250), (30, 150, 230), (90, 140, 60))], -1).astype(np.uint8)
+    (rows, cols), cw = values.shape, max(1, 600 // values.shape[1])
+    w, h = cw * cols, max(rows * 6, 100)
+    img = Image.new("RGB", (max(w + 120, 8 + 6 * max(map(len, title))), top + h + 8), "white")
     d = ImageDraw.Draw(img)
-    img.paste(Image.fromarray(heat_colours(values)).resize((w, h), Image.NEAREST), (x0, y0))
-    d.text((8, 8), title, fill="black")
-    d.text((4, y0), "latent", fill="black")
-    label_epochs(d, cols, lambda e: x0 + (e - 0.5) * cell[0], y0 + h)
-    bx = x0 + w + 20  # the colour scale, 1 at the top
-    img.paste(Image.fromarray(heat_colours(np.linspace(1, 0, bh))[:, None].repeat(12, 1)),
-              (bx, y0))
+    d.multiline_text((8, 6), "\n".join(title), fill="black")
+    img.paste(Image.fromarray(heat_colours(values)).resize((w, rows * 6), Image.NEAREST), (8, top))
+    scale = heat_colours(np.linspace(1, 0, h))[:, None].repeat(12, 1)  # 1 at the top
+    img.paste(Image.fromarray(scale), (w + 28, top))
     for v in (0, 0.5, threshold, 1):
-        y, colour = y0 + round((1 - v) * (bh - 1)), "red" if v == threshold else "black"
-        d.line([bx - 3, y, bx + 15, y], fill=colour)
-        d.text((bx + 18, y - 5), f"{v:g}" + " inactive" * (v == threshold), fill=colour)
+        y, colour = top + round((1 - v) * (h - 1)), "red" if v == threshold else "black"
+        d.line([w + 25, y, w + 43, y], fill=colour)
+        d.text((w + 46, y - 5), f"{v:g}" + " inactive" * (v == threshold), fill=colour)
     data.atomic_write(path, lambda f: img.save(f, format="PNG"))
 
 
-def save_curves(series, path, title, w=560, h=340, m=56):
-    """Curves {name: [y per epoch]} on a log y axis, epochs 1..n on x, a dot per epoch."""
-    n = max(map(len, series.values()))
-    lo, hi = min(map(min, series.values())) / 1.15, max(map(max, series.values())) * 1.15
-    x0, x1 = (1, n) if n > 1 else (0, 2)
-    to_x = lambda e: m + (e - x0) / (x1 - x0) * (w - 1.5 * m)
-    to_y = lambda v: h - m - math.log(v / lo) / math.log(hi / lo) * (h - 1.5 * m)
-    img = Image.new("RGB", (w, h), "white")
-    d = ImageDraw.Draw(img)
-    d.rectangle([m, m // 2, w - m // 2, h - m], outline="black")
-    d.text((m, 6), title, fill="black")
-    for v in axis_ticks(lo, hi):
-        d.line([m, to_y(v), w - m // 2, to_y(v)], fill=(220, 220, 220))
-        d.text((4, to_y(v) - 5), f"{v:g}", fill="black")
-    label_epochs(d, n, to_x, h - m)
-    for j, ((name, s), colour) in enumerate(zip(series.items(), ("red", "blue", "green"))):
-        pts = [(to_x(i + 1), to_y(v)) for i, v in enumerate(s)]
-        d.line(pts if len(pts) > 1 else pts * 2, fill=colour, width=2)
-        for x, y in pts if n <= 50 else ():  # while the dots can be told apart
-            d.ellipse([x - 2, y - 2, x + 2, y + 2], fill=colour)
-        d.text((w - 130, m // 2 + 6 + 12 * j), name, fill=colour)
-    data.atomic_write(path, lambda f: img.save(f, format="PNG"))
-
-
-def write_pictures(history, m1, m2, fixed, out, tag, seed, grids):
-    """Every epoch the latent-variance heatmap (Fig. 6-7) and gamma against sqrt(mse); every
-    --sample-every epochs the sample grids, drawn with the same noise each time."""
-    s, stage = ("", 1) if m2 is None else ("2", 2)
+def write_pictures(history, m1, m2, fixed, out, seed, grids):
+    """Every epoch the latent-variance heatmap (Fig. 6-7); every --sample-every epochs the
+    sample grids, drawn with the same noise each time."""
+    stage, epochs = history[-1]["stage"], len(history)
     v = np.array([r["latent_var"] for r in history]).T  # (latents, epochs)
-    first = np.where(v < 0.8, np.arange(v.shape[1]), v.shape[1]).min(1)  # left the limbo
-    save_heatmap(v[np.lexsort((v[:, -1], first))], os.path.join(out, f"latent_variance{s}.png"),
-                 f"stage {stage}: E[sigma^2] per latent (rows, by epoch of activation) and "
-                 "epoch", cell=(max(1, 600 // v.shape[1]), 6))
-    # with computed gamma the two coincide: eq. 8's minimum gamma^2 = mse, a constant balance
-    save_curves({"gamma": [r["gamma"] for r in history],
-                 "sqrt(mse)": [math.sqrt(r["mse"]) for r in history]},
-                os.path.join(out, f"gamma{s}.png"),
-                f"stage {stage}: gamma (end of epoch) and sqrt(epoch mse)")
+    first = np.where(v < 0.8, np.arange(epochs), epochs).min(1)  # the epoch it left the limbo
+    save_heatmap(v[np.lexsort((v[:, -1], first))],
+                 os.path.join(out, f"latent_variance{'2' * (stage == 2)}.png"),
+                 [f"stage {stage}: E[sigma^2] of each latent (a row, sorted by the epoch it",
+                  f"became active) in epochs 1-{epochs} (the columns, left to right)"])
     if not grids:
         return
     # Batch statistics, as in training, on a copy: the grids follow the printed training mse
     # from the first epoch, while the moving averages --eval uses lag a short run behind.
     m1, g = copy.deepcopy(m1).train(), torch.Generator().manual_seed(seed)
+    tag = f"{'stage2_' * (stage == 2)}e{epochs:04d}"
     if fixed is not None:
-        recon = data.to_uint8(vae.reconstruct(m1, fixed, g)[0])
-        data.save_grid(side_by_side(data.to_uint8(fixed), recon),
-                       os.path.join(out, f"recon_{tag}.png"))
+        recon = to_uint8(vae.reconstruct(m1, fixed, g)[0])
+        save_grid(side_by_side(to_uint8(fixed), recon), os.path.join(out, f"recon_{tag}.png"))
     z = vae.sample_latents(m1, m2, 64, g, next(m1.parameters()).device)
-    data.save_grid(decode_all(m1, z), os.path.join(out, f"samples_{tag}.png"))
+    save_grid(decode_all(m1, z), os.path.join(out, f"samples_{tag}.png"))
 
 
-# --- Command line: every flag checked before any data is decoded ----------------------------------
-class Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, not argparse's usage block of 35 flags
-        raise DataError(f"{message} (python train.py --help lists the flags)")
-
-
-class Help(argparse.ArgumentDefaultsHelpFormatter):
-    """Defaults shown, except those that depend on the dataset (None): the help says them."""
-
-    def _get_help_string(self, action):
-        return action.help if action.default is None else super()._get_help_string(action)
-
-
-def number(cast, low, high=math.inf, above=False):
-    """An argparse type: a finite number at least `low` (above it if `above`), at most `high`."""
-    def parse(text):
-        v = cast(text)
-        if not (math.isfinite(v) and (v > low if above else v >= low) and v <= high):
-            bound = (f"from {low} to {high}" if high < math.inf
-                     else f"{'above' if above else 'at least'} {low}")
-            raise argparse.ArgumentTypeError(f"{text} is not a finite number {bound}")
-        return v
-    parse.__name__ = cast.__name__  # argparse's "invalid int value: 'x'"
-    return parse
-
-
+# --- Command line: every flag checked before any data is decoded ----------------------------
 def parse_args(argv=None):
-    p = Parser(description="Two-stage VAE with computed gamma (Asperti & Trentin 2020).",
-               formatter_class=Help)
-    a, count, rate = p.add_argument, number(int, 1), number(float, 0, above=True)
-    a("--dataset", default="cifar10", choices=data.DATASETS, help="folder: any image tree")
-    a("--data-dir", default="data", help="where data and caches live; the tree for folder")
-    a("--img-size", type=count, help="image side: 32 (cifar10), 64 (celeba); a folder's "
-      "own when its first image is square and a power of two, else 64")
-    a("--resize", choices=data.RESIZE_MODES, help="PIL filter for celeba/folder (paper Fig. 3; "
-      "default bilinear)")
-    a("--jpeg", type=number(int, 1, 95), metavar="Q", help="JPEG round trip at quality Q, as "
-      "the reference preprocessing (75); default lossless")
-    a("--stage", type=int, default=1, choices=(1, 2), help="1: the image VAE; 2: the VAE on "
-      "stage-1 latents")
+    p = argparse.ArgumentParser(usage="python train.py [flags]; --help lists them", description=
+                                "Two-stage VAE with computed gamma (Asperti & Trentin 2020).")
+    a = p.add_argument
+    a("--dataset", choices=data.DATASETS, help="cifar10 (default), celeba, folder (any images)")
+    a("--data-dir", help="data and its caches (default data); for folder, the image tree")
+    a("--img-size", type=int, help="image side: 32 (cifar10), 64 (celeba), a folder's own")
+    a("--resize", choices=data.RESIZE_MODES, help="PIL filter, Fig. 3 (default bilinear)")
+    a("--jpeg", type=int, metavar="Q", help="JPEG round trip at quality Q, as the reference (75)")
+    a("--stage", type=int, default=1, choices=(1, 2), help="1: image VAE; 2: VAE on latents")
     a("--eval", action="store_true", help="evaluate stage1.pt (and stage2.pt) in --out")
     a("--bench", action="store_true", help="time training steps on synthetic data, then exit")
     a("--out", help="output folder (default runs/<dataset>)")
-    a("--resume", action="store_true", help="continue from this stage's checkpoint in --out")
-    a("--gamma", choices=sorted(vae.GAMMAS), help="computed (the paper, default) or learned "
-      "(Dai & Wipf)")
-    a("--epochs", type=count, help="total epochs: 700/1400 (cifar10), 70/140 (celeba)")
-    a("--lr", type=rate, help="initial Adam learning rate: 1e-4 (cifar10), 5e-5 (celeba)")
-    a("--halve-every", type=count, help="halve the lr every N epochs: 200/100 (cifar10), "
-      "60/120 (celeba)")
-    a("--batch-size", type=count, help="minibatch size (paper 4: 100)")
-    a("--kl-weight", type=number(float, 0), help="KL weight k: pixels/1024 in stage 1 (4.2), 1 "
-      "in stage 2")
-    a("--l2", type=number(float, 0), help="l2 weight on the resampling kernels: 0 (cifar10), "
-      "0.001 (celeba)")
-    a("--latent-dim", type=count, help="latent variables (paper 4.1: 64)")
-    a("--base-dim", type=count, help="channels of the first scale (32)")
-    a("--fc-dim", type=count, help="width of the encoder's fc scale block (512)")
-    a("--num-scale", type=count, help="encoder scales: log2(side) - 2")
-    a("--block-per-scale", type=count, help="res blocks per scale block (1)")
-    a("--depth-per-block", type=count, help="conv layers per res block (2)")
-    a("--second-dim", type=count, help="stage-2 width: 2048 for sides <= 32, else 4096")
-    a("--second-depth", type=count, help="stage-2 dense layers (3)")
-    a("--limit", type=count, help="train on N training images drawn at random from --seed")
+    a("--resume", action="store_true", help="continue this stage's checkpoint in --out")
+    a("--gamma", choices=sorted(vae.GAMMAS), help="computed (paper) or learned (Dai & Wipf)")
+    a("--epochs", type=int, help="total epochs: 700/1400 (cifar10), 70/140 (celeba)")
+    a("--lr", type=float, help="initial Adam learning rate: 1e-4 (cifar10), 5e-5 (celeba)")
+    a("--halve-every", type=int, help="halve the lr every N epochs: 200/100, 60/120 (celeba)")
+    a("--batch-size", type=int, help="minibatch size (paper 4: 100)")
+    a("--kl-weight", type=float, help="KL weight k: pixels/1024 in stage 1 (4.2), 1 in stage 2")
+    a("--l2", type=float, help="weight on the resampling kernels: 0, 0.001 for celeba (4.2)")
+    a("--latent-dim", type=int, help="latent variables (paper 4.1: 64)")
+    a("--base-dim", type=int, help="channels of the first scale (32)")
+    a("--fc-dim", type=int, help="width of the encoder's fc scale block (512)")
+    a("--num-scale", type=int, help="encoder scales: log2(side) - 2")
+    a("--second-dim", type=int, help="stage-2 width: 2048 for sides <= 32, else 4096")
+    a("--limit", type=int, help="train on N training images drawn at random from --seed")
     a("--seed", type=int, help="random seed (0)")
-    a("--device", help="torch device: cuda if available, else cpu")
-    a("--sample-every", type=count, default=50, help="sample grids every N epochs and the last")
-    a("--amp", default="none", choices=("none", "bf16"), help="bf16 autocast of the networks; "
-      "loss and gamma stay fp32")
-    a("--compile", action=argparse.BooleanOptionalAction, help="torch.compile the networks "
-      "(CUDA graphs on CUDA); default on for stage 1 on CUDA, where it was measured")
-    a("--n-eval", type=count, default=10000, help="--eval: test images and samples (paper)")
+    a("--device", help="torch device (default cuda if available, else cpu)")
+    a("--sample-every", type=int, default=50, help="sample grids every N epochs and the last")
+    a("--amp", default="none", choices=("none", "bf16"), help="bf16 autocast of the networks")
+    a("--compile", action=argparse.BooleanOptionalAction, help="torch.compile, CUDA graphs "
+      "(default: on for stage 1 on CUDA, where it was measured)")
+    a("--n-eval", type=int, default=10000, help="--eval: test images and samples (paper: 10000)")
     a("--no-fid", action="store_true", help="--eval: mse and latent statistics only")
-    a("--inception", default="torchvision", choices=("torchvision", "tf"), help="FID weights; "
-      "tf gives FIDs comparable with the paper")
-    a("--inception-weights", help="local Inception weight file (offline machines)")
-    a("--latent-norm", action="store_true", help="--eval: rescale two-stage latents to the "
-      "variance law (paper 4.2)")
+    a("--inception", default="torchvision", choices=("torchvision", "tf"), help="--eval: FID "
+      "weights; tf gives FIDs comparable with the paper's")
+    a("--inception-weights", help="--eval: a local Inception weights file (offline machines)")
+    a("--latent-norm", action="store_true", help="--eval: GEN-2 latents scaled to the variance "
+      "law (paper 4.2)")
     args = p.parse_args(argv)
-    only_eval = [k for k in ("no_fid", "latent_norm", "inception_weights") if getattr(args, k)]
-    if only_eval and not args.eval:
-        p.error(f"--{flag(only_eval[0])} applies to --eval only: add --eval")
+    for k, v in vars(args).items():  # numbers in range: --lr above 0, --jpeg 1-95, counts >= 1
+        low, high = {"lr": (1e-12, 1e3), "kl_weight": (0, 1e9), "l2": (0, 1e9),
+                     "seed": (0, 2**32), "jpeg": (1, 95)}.get(k, (1, 2**40))
+        if type(v) in (int, float) and not low <= v <= high:  # NaN is in no range
+            raise DataError(f"{flag(k)} {v} is out of range: give a number from {low:g} to "
+                            f"{high:g} (--help lists the flags)")
+    if not args.eval and (args.no_fid or args.latent_norm or args.inception_weights):
+        raise DataError("--no-fid, --latent-norm and --inception-weights apply to --eval only")
     if args.eval and (args.resume or args.bench or args.stage == 2):
-        p.error("--eval evaluates the checkpoints in --out: drop --resume, --bench and --stage")
-    if args.inception_weights and not os.path.isfile(args.inception_weights):
-        p.error(f"--inception-weights {args.inception_weights}: no such file")
-    if args.out and os.path.isfile(args.out):
-        p.error(f"--out {args.out} is a file: name a folder")
-    args.out = args.out or os.path.join("runs", args.dataset)
-    try:
-        args.device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    except RuntimeError:
-        p.error(f"--device {args.device} is not a torch device (cpu, cuda, cuda:1, mps)")
+        raise DataError("--eval evaluates the checkpoints in --out: drop --resume, --bench, "
+                        "--stage")
+    args.out = args.out or os.path.join("runs", args.dataset or "cifar10")
+    args.device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if args.device.type == "cuda" and (args.device.index or 0) >= torch.cuda.device_count():
-        p.error(f"--device {args.device}: this torch sees {torch.cuda.device_count()} CUDA devices "
-                f"(CUDA build: {torch.version.cuda or 'none'}); leave --device out to use the CPU, "
-                "or install torch's CUDA build (README)")
+        raise DataError(f"--device {args.device}: this torch sees {torch.cuda.device_count()} "
+                        f"CUDA devices (CUDA build: {torch.version.cuda or 'none'}); leave "
+                        "--device out to use the CPU, or install torch's CUDA build (README)")
+    # measured on an H200 for stage 1: 3x the images/s at batch 100, mse and gamma within
+    # run-to-run noise (README)
+    if args.compile is None:
+        args.compile = args.device.type == "cuda" and args.stage == 1
     return args
 
 
-def flag(key):
-    return key.replace("_", "-")
+def describe(dev):  # what the speed depends on: the GPU, or the CPU threads torch uses
+    return (f"{dev} ({torch.cuda.get_device_name(dev)})" if dev.type == "cuda"
+            else f"{dev} ({torch.get_num_threads()} threads)")
 
 
-# --- --bench: training speed on synthetic data of the dataset's shape (no download) ---------------
+# --- --bench: training speed on synthetic data of the dataset's shape (no download) ----------
 def bench(args, warmup=3, steps=10):
-    """Time the training step as configured and, side by side, a plain fp32 step of the same
-    network (NCHW memory, no autocast, no compile)."""
-    dev = args.device
-    if args.dataset == "folder":  # no folder to look at: the shape of CelebA's images
-        args.img_size = args.img_size or 64
-    cfg = settle(args, args.stage)
-    side, bs = cfg["img_size"], cfg["batch_size"]
-    x = torch.rand((bs, 3, side, side) if args.stage == 1 else (bs, cfg["latent_dim"]),
-                   device=dev)
-
-    def seconds_per_step(fmt, a):
-        model = build(cfg, args.stage).to(dev, memory_format=fmt)
+    """A plain fp32 step (NCHW memory, no autocast, no compile), then the step as configured."""
+    dev, dataset, stage = args.device, args.dataset or "cifar10", args.stage
+    side = args.img_size or (32 if dataset == "cifar10" else 64)
+    cfg = paper_defaults(dataset, side, stage) | given(args)
+    bs, sync = cfg["batch_size"], torch.cuda.synchronize if dev.type == "cuda" else lambda: None
+    x = torch.rand((bs, 3, side, side) if stage == 1 else (bs, cfg["latent_dim"]), device=dev)
+    plain, dts = argparse.Namespace(**{**vars(args), "amp": "none", "compile": False}), []
+    for name, fmt, a in (("plain fp32 NCHW step", torch.contiguous_format, plain),
+                         (f"amp {args.amp}, compile {args.compile}", torch.channels_last, args)):
+        model = build(cfg, stage).to(dev, memory_format=fmt)
         step = make_step(model, make_optimizer(model, cfg["lr"], dev), cfg, a)
-        xf = x.contiguous(memory_format=fmt) if x.dim() == 4 else x
-        data.seconds_per_call(lambda: step(xf), warmup, dev)
-        return data.seconds_per_call(lambda: step(xf), steps, dev)
-    plain = seconds_per_step(torch.contiguous_format,
-                             argparse.Namespace(**{**vars(args), "amp": "none", "compile": False}))
-    dt = seconds_per_step(torch.channels_last, args)
-    print(f"device {data.describe(dev)}, stage {args.stage}, {cfg['dataset']} {side}x{side}, batch "
-          f"{bs}, amp {args.amp}, compile {args.compile}")
-    print(f"{bs / dt:.1f} images/s  {dt * 1e3:.1f} ms/step")
-    print(f"plain fp32 NCHW step: {bs / plain:.1f} images/s  {plain * 1e3:.1f} ms/step  -> "
-          f"speed-up {plain / dt:.2f}x")
+        xf = x.contiguous(memory_format=fmt) if stage == 1 else x
+        for n in (warmup, steps):  # the second round timed, queued GPU work included
+            sync()
+            t0 = time.perf_counter()
+            for _ in range(n):
+                step(xf)
+            sync()
+        dts.append((time.perf_counter() - t0) / steps)
+        print(f"{describe(dev)}, stage {stage}, {dataset} {side}x{side}, batch {bs}, {name}: "
+              f"{bs / dts[-1]:.1f} images/s, {dts[-1] * 1e3:.1f} ms/step", flush=True)
+    print(f"speed-up of the configured step: {dts[0] / dts[1]:.2f}x")
 
 
 def main(argv=None):
     try:
         args = parse_args(argv)
-        # measured on an H200 for stage 1: 3x the images/s at batch 100, mse and gamma within
-        # run-to-run noise (README)
-        if args.compile is None:
-            args.compile = args.device.type == "cuda" and args.stage == 1
         evaluate(args) if args.eval else bench(args) if args.bench else train(args)
     except DataError as e:
         print(f"error: {e}", file=sys.stderr)

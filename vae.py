@@ -1,17 +1,13 @@
 """The two-stage VAE of Dai & Wipf with the balancing factor gamma *computed* (Asperti & Trentin).
 
-What is here, with the paper's numbering:
-- `kl_divergence`: eq. 3, the closed-form KL between N(mu, sigma^2) and N(0, I).
-- `vae_loss`: eq. 7 summed over the D pixels x channels (Dai & Wipf's generative loss), plus
-  k * eq. 3; with gamma held constant it is eq. 9 up to additive constants.
-- `ComputedGamma`: the paper's contribution (section 3). Eq. 8 puts the minimum of eq. 7 at
-  gamma^2 = mse, so gamma is not learned but set from a running estimate of the mse.
+- `kl_divergence` eq. 3; `vae_loss` eq. 7 summed over the D pixels x channels plus k * eq. 3
+  (eq. 9 up to constants with gamma held constant).
+- `ComputedGamma`: the paper's contribution (section 3): eq. 8 puts the minimum of eq. 7 at
+  gamma^2 = mse, so gamma is set from a running estimate of the mse, not learned.
 - `LearnedGamma`: Dai & Wipf's trainable log-gamma, the baseline of Tables 2-3.
-- `VAE`: the stage-1 "ResNet" network (paper Fig. 1; network/util.py and two_stage_vae_model.py
-  of Dai & Wipf's code). `SecondStage`: the stage-2 VAE on latents.
-- `BatchNorm`: batch norm with TF1's zero-debiased moving averages, as Dai & Wipf's code.
-- `variance_law`, `latent_summary`: eq. 6 per latent and the inactive count of footnote 3, by
-  the paper's E[sigma^2] and by the released evaluation's E[sigma].
+- `VAE`: the stage-1 "ResNet" network (Fig. 1; Dai & Wipf's network/util.py), with TF1's
+  debiased `BatchNorm`; `SecondStage`: the stage-2 VAE on latents.
+- `variance_law`, `latent_summary`: eq. 6 per latent and footnote 3's inactive count.
 
 Deviations from the paper and the reference code:
 - k (KL weight) = pixels / 1024, the paper's rule (4.2: 4x the pixels, 4x the KL); the released
