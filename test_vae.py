@@ -1089,6 +1089,31 @@ def test_folder_cache_follows_changed_renamed_and_added_images(tmp_path):
     assert len(cache_dirs(tmp_path)) == 4
 
 
+@pytest.mark.parametrize("how", ["symlink", "move", "copy"])
+def test_folder_cache_reused_by_a_moved_or_linked_copy(tmp_path, monkeypatch, how):
+    """The same files elsewhere are the same data: the same cache, nothing decoded again;
+    a changed file there makes a new cache."""
+    make_folder(tmp_path / "imgs", NESTED)
+    first = data.load_split("folder", "test", tmp_path / "imgs", 15)
+    other = tmp_path / "elsewhere" / "imgs2"
+    os.makedirs(other.parent)
+    if how == "symlink":
+        os.symlink(tmp_path / "imgs", other)
+    elif how == "move":
+        os.rename(tmp_path / "imgs", other)
+    else:
+        shutil.copytree(tmp_path / "imgs", other)  # copy2 keeps each mtime
+    with monkeypatch.context() as m:
+        no_image_opens(m)
+        again = data.load_split("folder", "test", other, 15)
+    assert again.filename == first.filename
+    assert cache_dirs(tmp_path) == [os.path.basename(os.path.dirname(first.filename))]
+    np.testing.assert_array_equal(again, colours([9]))
+    make_folder(other, ["f/x.png"], start=70)
+    np.testing.assert_array_equal(data.load_split("folder", "test", other, 15), colours([70]))
+    assert len(cache_dirs(tmp_path)) == 2
+
+
 @pytest.mark.parametrize("mode, interior", [("nearest", 255), ("bilinear", 128), ("box", 128)])
 def test_resize_modes_really_differ(tmp_path, mode, interior):
     """A 1-pixel checkerboard halved: nearest keeps one phase (the jaggies of Fig. 3), filters
@@ -1133,6 +1158,16 @@ def test_folder_jpeg_round_trip_per_quality(tmp_path):
     names = [os.path.basename(f) for f in files_under(tmp_path / "cache") if f.endswith(".npy")]
     assert sorted(names) == ["train_16_bilinear.npy", "train_16_bilinear_jpeg75.npy",
                              "train_16_bilinear_jpeg95.npy"]
+
+
+def test_folder_jpeg_comes_after_crop_and_resize(tmp_path):
+    """A 40x30 image resized to 12: the JPEG round trip of the 12x12 result, not the resize of
+    a round-tripped original."""
+    a = np.random.default_rng(3).integers(0, 256, (30, 40, 3), dtype=np.uint8)
+    save_png(str(tmp_path / "0.png"), a)
+    small = Image.fromarray(a[:, 5:35]).resize((12, 12), Image.BILINEAR)
+    np.testing.assert_array_equal(data.load_split("folder", "train", tmp_path, 12, jpeg=75)[0],
+                                  jpeg_round_trip(small, 75))
 
 
 def test_undecodable_image_is_named_and_no_cache_is_left(tmp_path):
@@ -1189,6 +1224,29 @@ def test_folder_default_size_used_by_load_split_and_follows_changes(tmp_path):
 def test_fixed_default_sizes():
     assert data.choose_img_size("cifar10") == (32, "CIFAR-10's only size")
     assert data.choose_img_size("celeba", "anywhere") == (64, "the paper's size")
+
+
+@pytest.mark.parametrize("dataset, split, expected", [
+    ("cifar10", "train", 50000), ("cifar10", "test", 10000),
+    # CelebA's official partition: 162,770 / 19,867 / 19,962 of 202,599
+    ("celeba", "train", 162770), ("celeba", "valid", 19867), ("celeba", "test", 19962)])
+def test_split_size_of_the_official_splits(dataset, split, expected):
+    assert data.split_size(dataset, split, "nowhere") == expected  # no files needed
+
+
+@pytest.mark.parametrize("rels, train, test", [
+    (NESTED, 11, 1),  # every 10th by sorted path
+    ([f"{k:02d}.png" for k in range(25)], 23, 2),
+    (["train/a/0.png", "train/1.png", "train/2.png", "test/3.png", "test/b/4.png", "x.png"], 3, 2),
+])
+def test_split_size_of_a_folder_counts_its_files(tmp_path, monkeypatch, rels, train, test):
+    make_folder(tmp_path / "imgs", rels)
+    with monkeypatch.context() as m:  # counted, not decoded
+        no_image_opens(m)
+        assert [data.split_size("folder", s, tmp_path / "imgs") for s in ("train", "test")] == [
+            train, test]
+    assert not (tmp_path / "cache").exists()
+    assert len(data.load_split("folder", "test", tmp_path / "imgs", 15)) == test
 
 
 # ---------------------------------------------------------------- bad input
@@ -1292,6 +1350,15 @@ def test_progress_draws_the_final_count_then_ends_or_wipes_the_line(capsys, leav
     assert list(data.progress(iter(items), 6, "x", "cats", leave=leave)) == items
     m = re.search(r"\r(x 6/6 cats, \d+ cats/s, ETA 0:00 *)(\n|\r( +)\r)$", capsys.readouterr().err)
     assert m and (m[2] == "\n") == leave and (leave or len(m[3]) >= len(m[1]))
+
+
+def test_progress_redraws_at_most_4_times_a_second(capsys, monkeypatch):
+    clock = iter(np.arange(0, 100, 0.1))  # each call to time.time() advances 0.1 s
+    monkeypatch.setattr(data.time, "time", lambda: next(clock))
+    list(data.progress(range(20), 20, "x", size=lambda _: 1))
+    draws = capsys.readouterr().err.count("\r")
+    assert 2 <= draws <= 1 + 20 * 2 * 0.1 / 0.25  # the end's, plus one per 0.25 s at most
+    assert list(data.progress([], 0, "x")) == [] and capsys.readouterr().err == ""
 
 
 # =============================================================================================
