@@ -884,10 +884,13 @@ def test_cifar_download_verified_before_use(tmp_path, monkeypatch, capsys, outco
     assert f"\rdownloading {data.CIFAR_URL} 0/163 MiB, " in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("download", [True, False])
-def test_cifar_missing_tarball_names_url_and_path(tmp_path, download):
+@pytest.mark.parametrize("download, message", [(True, "could not download"),
+                                               (False, "not found; download")])
+def test_cifar_missing_tarball_names_url_and_path(tmp_path, monkeypatch, download, message):
     root = tmp_path / "data"
-    with pytest.raises(data.DataError) as e:
+    if not download:  # not even tried
+        monkeypatch.setattr(data.urllib.request, "urlopen", lambda *a, **k: pytest.fail("fetched"))
+    with pytest.raises(data.DataError, match=message) as e:
         data.load_split("cifar10", "train", root, download=download)
     assert data.CIFAR_URL in str(e.value) and str(root / "cifar-10-python.tar.gz") in str(e.value)
     assert not root.exists() or files_under(root) == []  # no partial download left behind
