@@ -238,3 +238,27 @@ class Batches:
         order = torch.randperm(n, generator=g) if self.shuffle else torch.arange(n)
         for idx in order.to(self.x.device).split(self.batch_size)[:len(self)]:
             yield self.x[idx].permute(0, 3, 1, 2).float().div_(255)  # channels_last, as the net
+
+
+def to_uint8(x):
+    """Float images (N, 3, H, W) in [0, 1] -> uint8 (N, H, W, 3) on the host, rounded as the
+    real images' files are quantised (truncation would darken every pixel by half a level)."""
+    return (x.float() * 255).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+
+
+def latent_batches(m1, images, batch_size, seed, device):
+    """Stage-2 data (Dai & Wipf): the training set encoded once by the frozen stage-1 encoder;
+    epoch e's minibatches of a fresh z = mu + sigma * eps, shuffled, drawn from (seed, e)."""
+    if len(images) < batch_size:
+        raise DataError(f"{len(images)} images do not make one batch of {batch_size}: lower "
+                        "--batch-size")
+    with torch.no_grad():
+        mu, logsd = map(torch.cat, zip(*map(m1.encode, Batches(
+            images, 500, device, shuffle=False, drop_last=False).epoch(0))))
+
+    def epoch(e):
+        g = epoch_generator(seed, e)
+        z = mu + logsd.exp() * torch.randn(mu.shape, generator=g).to(device)
+        z = z[torch.randperm(len(z), generator=g).to(device)]
+        return z.split(batch_size)[:len(z) // batch_size]  # whole batches only, as stage 1's
+    return epoch, len(mu) // batch_size * batch_size

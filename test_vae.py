@@ -406,7 +406,7 @@ def test_stage2_trains_on_fresh_latents_each_epoch():
     images = np.arange(20, dtype=np.uint8)[:, None, None, None].repeat(3, 3)  # image i holds i
     m1 = types.SimpleNamespace(encode=lambda x: (mu[(x[:, 0, 0, 0] * 255).round().long()],
                                                  torch.full((len(x), 2), math.log(0.01))))
-    epoch, todo = train.latent_batches(m1, images, 5, 0, torch.device("cpu"))
+    epoch, todo = data.latent_batches(m1, images, 5, 0, torch.device("cpu"))
     epochs = [torch.cat(list(epoch(e))) for e in (0, 1)]
     assert todo == 20
     for z in epochs:
@@ -415,7 +415,7 @@ def test_stage2_trains_on_fresh_latents_each_epoch():
         assert (z - mu[order]).abs().max() < 0.06  # sigma 0.01
     noise = [z - mu[z[:, 0].round().long() // 2] for z in epochs]
     assert not torch.allclose(*[e[e[:, 1].argsort()] for e in noise])
-    epoch, todo = train.latent_batches(m1, images[:17], 5, 0, torch.device("cpu"))
+    epoch, todo = data.latent_batches(m1, images[:17], 5, 0, torch.device("cpu"))
     assert todo == 15 and [len(b) for b in epoch(0)] == [5, 5, 5]  # 17 rows: 3 whole batches
 
 
@@ -426,14 +426,14 @@ def test_stage2_data_is_the_frozen_encoders_view_of_the_training_set(tiny, tmp_p
     run, out = tiny
     run("--epochs", "1", "--limit", "40")
     seen = []
-    real = train.latent_batches
+    real = data.latent_batches
     def spy(m1, images, *a):
         with torch.no_grad():
             seen.append(m1.training)
             seen.append(m1.encode(torch.from_numpy(np.array(images)).permute(0, 3, 1, 2)
                                   .float() / 255))
         return real(m1, images, *a)
-    monkeypatch.setattr(train, "latent_batches", spy)
+    monkeypatch.setattr(data, "latent_batches", spy)
     run("--stage", "2", "--epochs", "1")
     m1 = train.load_model(train.load_checkpoint(out, 1, "cpu"), 1, "cpu")
     split = data.load_split("folder", "train", str(tmp_path / "images"), 16)
@@ -641,7 +641,6 @@ def test_non_finite_loss_stops_and_keeps_last_checkpoint(tiny, monkeypatch, caps
     (["--kl-weight", "-1"], "--kl-weight -1.0 is out of range: give a number from 0 to"),
     (["--jpeg", "100"], "--jpeg 100 is out of range: give a number from 1 to 95"),
     (["--latent-norm"], "--no-fid, --latent-norm and --inception-weights apply to --eval only"),
-    (["--eval", "--resume"], "--eval evaluates the checkpoints"),
     (["--latent-dim", "0"], "--latent-dim 0 is out of range"),
     (["--num-scale", "6"], "image side 16: .*>= 2\\^\\(num_scale - 1\\) = 32: choose"),
 ])
@@ -833,13 +832,13 @@ def test_generated_images_are_rounded_to_uint8_not_truncated():
     1 (truncation would give 0, darkening every image by half a level), 200.2 give 200."""
     x = torch.full((1, 3, 1, 2), 0.7 / 255)
     x[0, :, 0, 1] = 200.2 / 255
-    assert train.to_uint8(x).tolist() == [[[[1, 1, 1], [200, 200, 200]]]]
+    assert data.to_uint8(x).tolist() == [[[[1, 1, 1], [200, 200, 200]]]]
 
 
 def test_to_uint8_inverts_batches():
     x = np.random.default_rng(0).integers(0, 256, (7, 5, 6, 3), dtype=np.uint8)
     (batch,) = data.Batches(x, 7, shuffle=False).epoch(0)
-    np.testing.assert_array_equal(train.to_uint8(batch), x)
+    np.testing.assert_array_equal(data.to_uint8(batch), x)
 
 
 def test_heatmap_cells_and_scale(tmp_path):
