@@ -4,13 +4,11 @@ The paper scores reconstructions (REC), decoder samples (GEN-1) and two-stage sa
 their FID against 10,000 test images (sections 4-5). Only `--inception tf` (pytorch-fid's port
 of the TF graph of 2015-12-05) gives FIDs comparable with the paper's; torchvision's ImageNet
 weights (the default) give another scale. `python fid.py A B` prints the FID of A vs B (image
-folders or statistics .npz); --save-stats writes statistics, --bench times the network.
+folders or statistics .npz); --save-stats writes A's statistics.
 
 Deviations from pytorch-fid:
 - tr sqrtm(s1 s2) by symmetric eigh: finite with fewer images than features, where scipy's
   sqrtm of the non-symmetric s1 s2 turns round-off imaginary and refuses.
-- Matrices that are no covariances are refused: no FID is defined for them.
-- Statistics files record their network: those of different networks are not compared.
 - Batch norm folded into the convolutions, channels-last: faster, the same features.
 - Generated images are quantised to uint8 (by the caller), as the real images' files are.
 - Fewer images than the 2048 features: a warning (singular covariance, the FID biased up).
@@ -18,7 +16,6 @@ Deviations from pytorch-fid:
 import argparse
 import contextlib
 import functools
-import hashlib
 import os
 import pickle
 import sys
@@ -30,7 +27,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
 
-from data import DataError, atomic_write, describe, list_images, progress, seconds_per_call
+from data import DataError, atomic_write, list_images, progress
 
 URLS = {  # torch.hub's check_hash reads the SHA-256 prefix that ends each name (pytorch-fid's:
     # 6726825d0af5f729cebd5821db510b11b1cfad8faad88a03f1befd49fb9129b2, as projects pin it)
@@ -223,19 +220,9 @@ def load_weights(model, state, variant):
                         "leave --inception-weights out to download it.")
 
 
-def network_id(model):
-    """"<variant>-<16 hex digits of a SHA-256 of the weights' names and bytes>": statistics are
-    keyed by the weights' content, not by a file name that other weights may reuse."""
-    h = hashlib.sha256()
-    for k, v in sorted(model.state_dict().items()):
-        if not k.endswith("_tracked"):
-            h.update(k.encode() + v.cpu().numpy().tobytes())
-    return f"{model.variant}-{h.hexdigest()[:16]}"
-
-
 def load_inception(variant="torchvision", weights_path=None, device=None):
     """Eval-mode InceptionV3 with the variant's weights (`weights_path`, else downloaded once
-    into torch.hub's cache) on `device` (default: cuda if available); `.weights_id` names them."""
+    into torch.hub's cache) on `device` (default: cuda if available)."""
     try:
         state = (torch.load(weights_path, map_location="cpu", weights_only=True) if weights_path
                  else torch.hub.load_state_dict_from_url(URLS[variant], map_location="cpu",
@@ -243,12 +230,11 @@ def load_inception(variant="torchvision", weights_path=None, device=None):
     except (OSError, RuntimeError, pickle.UnpicklingError) as e:  # URLError, bad hash or file
         raise DataError(f"cannot load Inception weights from {weights_path}: {e}" if weights_path
                         else f"cannot get the {variant} Inception weights ({e}). Offline, download "
-                        f"{URLS[variant]} elsewhere and pass it with --inception-weights PATH "
-                        "(weights_path= in Python)") from None
+                        f"{URLS[variant]} elsewhere and pass it with --inception-weights PATH"
+                        ) from None
     with torch.device("meta"):  # no random initialisation (0.8 s): load_weights sets all
         model = InceptionV3(variant)
     load_weights(model.to_empty(device="cpu"), state, variant)
-    model.weights_id = network_id(model)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     return model.to(device, memory_format=torch.channels_last).eval().requires_grad_(False)
 
@@ -289,18 +275,6 @@ def feature_stats(model, images, batch_size=200, desc="features", total=None):
     return feats.mean(0), np.cov(feats, rowvar=False)
 
 
-COV_TOL = 1e-6  # of the largest |entry| or eigenvalue: np.cov's round-off ~1e-16, float32's ~1e-9
-
-
-def _check_covariance(s, w, name):
-    """Refuse a matrix that is no covariance (w: its eigenvalues, ascending): no FID is defined."""
-    if np.abs(s - s.T).max() > COV_TOL * np.abs(s).max():
-        raise DataError(f"{name} is not symmetric, so no covariance: recompute the statistics")
-    if w[0] < -COV_TOL * np.abs(w).max():
-        raise DataError(f"{name} has the eigenvalue {w[0]:.3g} (largest {np.abs(w).max():.3g}), "
-                        "so it is no covariance: recompute the statistics")
-
-
 def frechet_distance(mu1, sigma1, mu2, sigma2):
     """|mu1 - mu2|^2 + tr(s1) + tr(s2) - 2 tr(sqrtm(s1 s2)) in float64 (Heusel et al. 2017)."""
     mu1, mu2 = (np.atleast_1d(np.asarray(m, np.float64)) for m in (mu1, mu2))
@@ -311,61 +285,39 @@ def frechet_distance(mu1, sigma1, mu2, sigma2):
                         f"sigma {s1.shape} and {s2.shape}")
     if not all(np.isfinite(a).all() for a in (mu1, mu2, s1, s2)):
         raise DataError("the statistics contain NaN or infinite values: recompute them")
-    w1, v1 = np.linalg.eigh(s1)
-    _check_covariance(s1, w1, "sigma1")
-    _check_covariance(s2, np.linalg.eigvalsh(s2), "sigma2")
     # s1 s2 has the eigenvalues of the symmetric PSD r^T s2 r, r = v1 sqrt(w1), which eigvalsh
     # finds real to ~1e-16 of the largest (Weyl); round-off below 0 is clipped before the root.
+    w1, v1 = np.linalg.eigh(s1)
     r = v1 * np.sqrt(w1.clip(0))
     tr_covmean = np.sqrt(np.linalg.eigvalsh(r.T @ s2 @ r).clip(0)).sum()
     return float(np.sum((mu1 - mu2) ** 2) + np.trace(s1) + np.trace(s2) - 2 * tr_covmean)
 
 
-def same_network(id_a, id_b, a, b):
-    """Refuse statistics of different networks (their FID would measure the networks); warn for
-    those without a record (pytorch-fid's, older fid.py's)."""
-    if id_a is None or id_b is None:
-        print(f"warning: {a if id_a is None else b} does not record which Inception weights made "
-              "it: the FID is meaningful only if both sides come from the same network",
-              file=sys.stderr)
-    elif id_a != id_b:
-        raise DataError(f"{a} comes from Inception {id_a} but {b} from {id_b}: not comparable. "
-                        "Recompute one side with the other's --inception and --inception-weights "
-                        "(or delete a stale statistics file)")
-
-
-def save_stats(path, mu, sigma, weights_id):
-    """mu and sigma, and the network that made them (`inception` variant, `weights` hash)."""
-    if weights_id is None:
-        raise DataError(f"cannot save statistics to {path} without the network that made them")
-    variant, digest = weights_id.rsplit("-", 1)
-    atomic_write(path, lambda f: np.savez(f, mu=mu, sigma=sigma, inception=variant,
-                                          weights=digest))
+def save_stats(path, mu, sigma):
+    """Write mu and sigma to a .npz, atomically: an interrupted run leaves no half a cache."""
+    atomic_write(path, lambda f: np.savez(f, mu=mu, sigma=sigma))
 
 
 def load_stats(path):
-    """(mu, sigma, weights_id) from a statistics .npz; weights_id None if it records none."""
+    """(mu, sigma) from a statistics .npz (fid.py's or pytorch-fid's)."""
     try:
         with np.load(path) as f:
-            known = {"inception", "weights"} <= set(f.files)
-            return f["mu"], f["sigma"], f"{f['inception']}-{f['weights']}" if known else None
+            return f["mu"], f["sigma"]
     except (OSError, ValueError, KeyError, zipfile.BadZipFile) as e:
         raise DataError(f"cannot read statistics (mu, sigma) from {path}: {e}") from None
 
 
-def cached_stats(path, compute, weights_id):
-    """(mu, sigma) from `path` if it exists (made by `weights_id`), else compute() and save."""
+def cached_stats(path, compute):
+    """(mu, sigma) from `path` if it exists, else from compute(), then saved there."""
     if os.path.exists(path):
-        mu, sigma, stored = load_stats(path)
-        same_network(stored, weights_id, path, "this network")
-        return mu, sigma
+        return load_stats(path)
     mu, sigma = compute()
-    save_stats(path, mu, sigma, weights_id)
+    save_stats(path, mu, sigma)
     return mu, sigma
 
 
 def input_stats(path, get_model, batch_size):
-    """(mu, sigma, weights_id) of a statistics .npz, or of a folder of images by get_model()."""
+    """(mu, sigma) of a statistics .npz, or of a folder of images through get_model()."""
     if path.endswith(".npz") and os.path.isfile(path):
         return load_stats(path)
     paths = list_images(path) if os.path.isdir(path) else []
@@ -380,26 +332,14 @@ def input_stats(path, get_model, batch_size):
             except (OSError, ValueError) as e:
                 raise DataError(f"cannot read the images from {paths[i]} on: {e}") from None
             yield batch
-    model = get_model()
-    return *feature_stats(model, batches(), desc=path, total=len(paths)), model.weights_id
-
-
-def bench(variant, batch_size, img_size, device):
-    """Print the network's images/second on a random batch (random weights)."""
-    model = InceptionV3(variant).to(device, memory_format=torch.channels_last).eval()
-    x = torch.rand(batch_size, 3, img_size, img_size, device=device)
-    with torch.no_grad(), exact_fp32():
-        seconds = [seconds_per_call(lambda: model(x), n, device) for n in (1, 5)]  # warm-up, timed
-    print(f"{describe(device)}: inception ({variant}, fp32, random weights) "
-          f"{batch_size / seconds[1]:.1f} images/s (batch {batch_size}, {img_size}x{img_size} "
-          "resized to 299x299, 1 warm-up + 5 timed batches)")
+    return feature_stats(get_model(), batches(), desc=path, total=len(paths))
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     a = p.add_argument
-    a("a", nargs="?", help="a folder of images or a statistics .npz (mu, sigma)")
+    a("a", help="a folder of images or a statistics .npz (mu, sigma)")
     a("b", nargs="?", help="the same, for the other side (optional with --save-stats)")
     a("--save-stats", metavar="OUT.npz", help="save the statistics (mu, sigma) of A")
     a("--inception", choices=list(URLS), default="torchvision",
@@ -408,23 +348,17 @@ def main(argv=None):
     a("--inception-weights", metavar="PATH", help="a local weights file instead of the download")
     a("--batch-size", type=int, default=200, help="images per Inception forward pass")
     a("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
-    a("--bench", action="store_true", help="print the Inception images/second, then exit")
-    a("--img-size", type=int, default=32, help="side of the random --bench images")
     args = p.parse_args(argv)
-    if not args.bench and (args.a is None or (args.b is None and not args.save_stats)):
-        p.error("give two inputs A B, or one input and --save-stats OUT.npz (or --bench)")
+    if args.b is None and not args.save_stats:
+        p.error("give two inputs A B, or one input and --save-stats OUT.npz")
     get_model = functools.cache(lambda: load_inception(args.inception, args.inception_weights,
                                                        args.device))
     try:
-        if args.bench:
-            bench(args.inception, args.batch_size, args.img_size, args.device)
-            return 0
-        mu1, sigma1, id1 = input_stats(args.a, get_model, args.batch_size)
+        mu1, sigma1 = input_stats(args.a, get_model, args.batch_size)
         if args.save_stats:
-            save_stats(args.save_stats, mu1, sigma1, id1)
+            save_stats(args.save_stats, mu1, sigma1)
         if args.b is not None:
-            mu2, sigma2, id2 = input_stats(args.b, get_model, args.batch_size)
-            same_network(id1, id2, args.a, args.b)
+            mu2, sigma2 = input_stats(args.b, get_model, args.batch_size)
             print(f"{frechet_distance(mu1, sigma1, mu2, sigma2):.6f}")
     except DataError as e:
         print(f"error: {e}", file=sys.stderr)
