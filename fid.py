@@ -38,23 +38,47 @@ FC_CLASSES = {"torchvision": 1000, "tf": 1008}  # the classifier sizes tell the 
 IGNORED = ("fc.", "AuxLogits.")  # classifier heads: FID uses the 2048-d pool features before them
 
 
-class BasicConv2d(nn.Module):  # convolution without bias, batch norm (eps 0.001), ReLU
-    def __init__(self, cin, cout, **conv):
+class Conv(nn.Module):
+    """torchvision's BasicConv2d: convolution without bias, batch norm (eps 0.001), ReLU."""
+    def __init__(self, cin, cout, kernel_size, stride=1, padding="same"):
         super().__init__()
-        self.conv = nn.Conv2d(cin, cout, bias=False, **conv)
+        padding = padding if stride == 1 else 0  # torchvision's strided convolutions never pad
+        self.conv = nn.Conv2d(cin, cout, kernel_size, stride, padding, bias=False)
         self.bn = nn.BatchNorm2d(cout, eps=0.001)
 
     def forward(self, x):  # inference only: batch norm folded into the conv, a fifth less time
         c, bn = self.conv, self.bn
         scale = bn.weight * (bn.running_var + bn.eps).rsqrt()
-        x = F.conv2d(x, c.weight * scale[:, None, None, None], bn.bias - bn.running_mean * scale,
-                     c.stride, c.padding)
-        return F.relu(x, inplace=True)
+        return F.relu_(F.conv2d(x, c.weight * scale[:, None, None, None],
+                                bn.bias - bn.running_mean * scale, c.stride, c.padding))
+
+
+def _chain(x, *layers):  # a list among the layers is a fork: its outputs concatenated
+    for layer in layers:
+        x = torch.cat([f(x) for f in layer], 1) if isinstance(layer, list) else layer(x)
+    return x
+
+
+class Mixed(nn.Module):
+    """An Inception block: branches, each a chain of layers on the block's input, concatenated.
+    Convolutions get torchvision's names: the branch's if it has one, else with _1, _2 (_2a...)."""
+    def __init__(self, **branches):
+        super().__init__()
+        self.branches = list(branches.values())
+        for name, layers in branches.items():
+            convs = [layer for layer in layers if isinstance(layer, (Conv, list))]
+            for i, layer in enumerate(convs, 1):
+                for ab, conv in zip("ab", layer) if isinstance(layer, list) else [("", layer)]:
+                    self.add_module(name if len(convs) == 1 else f"{name}_{i}{ab}", conv)
+
+    def forward(self, x):
+        return torch.cat([_chain(x, *layers) for layers in self.branches], 1)
 
 
 avg_pool = functools.partial(F.avg_pool2d, kernel_size=3, stride=1, padding=1)
 tf_avg_pool = functools.partial(avg_pool, count_include_pad=False)
 tf_max_pool = functools.partial(F.max_pool2d, kernel_size=3, stride=1, padding=1)
+max_pool = functools.partial(F.max_pool2d, kernel_size=3, stride=2)  # the grid reductions'
 # The TF graph differs from torchvision's only in four pool branches (pytorch-fid's "Patch"es).
 POOLS = {"torchvision": dict(A=avg_pool, C=avg_pool, E1=avg_pool, E2=avg_pool),
          "tf": dict(A=tf_avg_pool,    # 1. TF's average pool leaves the padding out of the mean...
@@ -63,141 +87,53 @@ POOLS = {"torchvision": dict(A=avg_pool, C=avg_pool, E1=avg_pool, E2=avg_pool),
                     E2=tf_max_pool)}  # 4. Mixed_7c max-pools (likely a slip; FIDs keep it).
 
 
-def _chain(x, *layers):
-    for layer in layers:
-        x = layer(x)
-    return x
-
-
-class InceptionA(nn.Module):
-    def __init__(self, cin, pool_features, pool):
-        super().__init__()
-        self.branch1x1 = BasicConv2d(cin, 64, kernel_size=1)
-        self.branch5x5_1 = BasicConv2d(cin, 48, kernel_size=1)
-        self.branch5x5_2 = BasicConv2d(48, 64, kernel_size=5, padding=2)
-        self.branch3x3dbl_1 = BasicConv2d(cin, 64, kernel_size=1)
-        self.branch3x3dbl_2 = BasicConv2d(64, 96, kernel_size=3, padding=1)
-        self.branch3x3dbl_3 = BasicConv2d(96, 96, kernel_size=3, padding=1)
-        self.branch_pool = BasicConv2d(cin, pool_features, kernel_size=1)
-        self.pool = pool
-
-    def forward(self, x):
-        return torch.cat([self.branch1x1(x), _chain(x, self.branch5x5_1, self.branch5x5_2),
-                          _chain(x, self.branch3x3dbl_1, self.branch3x3dbl_2, self.branch3x3dbl_3),
-                          self.branch_pool(self.pool(x))], 1)
-
-
-class InceptionB(nn.Module):
-    def __init__(self, cin):
-        super().__init__()
-        self.branch3x3 = BasicConv2d(cin, 384, kernel_size=3, stride=2)
-        self.branch3x3dbl_1 = BasicConv2d(cin, 64, kernel_size=1)
-        self.branch3x3dbl_2 = BasicConv2d(64, 96, kernel_size=3, padding=1)
-        self.branch3x3dbl_3 = BasicConv2d(96, 96, kernel_size=3, stride=2)
-
-    def forward(self, x):
-        return torch.cat([self.branch3x3(x),
-                          _chain(x, self.branch3x3dbl_1, self.branch3x3dbl_2, self.branch3x3dbl_3),
-                          F.max_pool2d(x, 3, stride=2)], 1)
-
-
-class InceptionC(nn.Module):
-    def __init__(self, cin, c7, pool):
-        super().__init__()
-        row = dict(kernel_size=(1, 7), padding=(0, 3))
-        col = dict(kernel_size=(7, 1), padding=(3, 0))
-        self.branch1x1 = BasicConv2d(cin, 192, kernel_size=1)
-        self.branch7x7_1 = BasicConv2d(cin, c7, kernel_size=1)
-        self.branch7x7_2 = BasicConv2d(c7, c7, **row)
-        self.branch7x7_3 = BasicConv2d(c7, 192, **col)
-        self.branch7x7dbl_1 = BasicConv2d(cin, c7, kernel_size=1)
-        self.branch7x7dbl_2 = BasicConv2d(c7, c7, **col)
-        self.branch7x7dbl_3 = BasicConv2d(c7, c7, **row)
-        self.branch7x7dbl_4 = BasicConv2d(c7, c7, **col)
-        self.branch7x7dbl_5 = BasicConv2d(c7, 192, **row)
-        self.branch_pool = BasicConv2d(cin, 192, kernel_size=1)
-        self.pool = pool
-
-    def forward(self, x):
-        return torch.cat([self.branch1x1(x),
-                          _chain(x, self.branch7x7_1, self.branch7x7_2, self.branch7x7_3),
-                          _chain(x, self.branch7x7dbl_1, self.branch7x7dbl_2, self.branch7x7dbl_3,
-                                 self.branch7x7dbl_4, self.branch7x7dbl_5),
-                          self.branch_pool(self.pool(x))], 1)
-
-
-class InceptionD(nn.Module):
-    def __init__(self, cin):
-        super().__init__()
-        self.branch3x3_1 = BasicConv2d(cin, 192, kernel_size=1)
-        self.branch3x3_2 = BasicConv2d(192, 320, kernel_size=3, stride=2)
-        self.branch7x7x3_1 = BasicConv2d(cin, 192, kernel_size=1)
-        self.branch7x7x3_2 = BasicConv2d(192, 192, kernel_size=(1, 7), padding=(0, 3))
-        self.branch7x7x3_3 = BasicConv2d(192, 192, kernel_size=(7, 1), padding=(3, 0))
-        self.branch7x7x3_4 = BasicConv2d(192, 192, kernel_size=3, stride=2)
-
-    def forward(self, x):
-        return torch.cat([_chain(x, self.branch3x3_1, self.branch3x3_2),
-                          _chain(x, self.branch7x7x3_1, self.branch7x7x3_2, self.branch7x7x3_3,
-                                 self.branch7x7x3_4),
-                          F.max_pool2d(x, 3, stride=2)], 1)
-
-
-class InceptionE(nn.Module):
-    def __init__(self, cin, pool):
-        super().__init__()
-        self.branch1x1 = BasicConv2d(cin, 320, kernel_size=1)
-        self.branch3x3_1 = BasicConv2d(cin, 384, kernel_size=1)
-        self.branch3x3_2a = BasicConv2d(384, 384, kernel_size=(1, 3), padding=(0, 1))
-        self.branch3x3_2b = BasicConv2d(384, 384, kernel_size=(3, 1), padding=(1, 0))
-        self.branch3x3dbl_1 = BasicConv2d(cin, 448, kernel_size=1)
-        self.branch3x3dbl_2 = BasicConv2d(448, 384, kernel_size=3, padding=1)
-        self.branch3x3dbl_3a = BasicConv2d(384, 384, kernel_size=(1, 3), padding=(0, 1))
-        self.branch3x3dbl_3b = BasicConv2d(384, 384, kernel_size=(3, 1), padding=(1, 0))
-        self.branch_pool = BasicConv2d(cin, 192, kernel_size=1)
-        self.pool = pool
-
-    def forward(self, x):
-        a = self.branch3x3_1(x)
-        b = self.branch3x3dbl_2(self.branch3x3dbl_1(x))
-        return torch.cat([self.branch1x1(x), self.branch3x3_2a(a), self.branch3x3_2b(a),
-                          self.branch3x3dbl_3a(b), self.branch3x3dbl_3b(b),
-                          self.branch_pool(self.pool(x))], 1)
-
-
 class InceptionV3(nn.Module):
     """torchvision's Inception3 up to the 2048-d global average pool: no AuxLogits, no fc."""
-
     def __init__(self, variant="torchvision"):
         super().__init__()
-        self.variant = variant
-        pool = POOLS[variant]
-        self.Conv2d_1a_3x3 = BasicConv2d(3, 32, kernel_size=3, stride=2)
-        self.Conv2d_2a_3x3 = BasicConv2d(32, 32, kernel_size=3)
-        self.Conv2d_2b_3x3 = BasicConv2d(32, 64, kernel_size=3, padding=1)
+        self.variant, pool = variant, POOLS[variant]
+        self.Conv2d_1a_3x3 = Conv(3, 32, 3, stride=2)
+        self.Conv2d_2a_3x3 = Conv(32, 32, 3, padding=0)
+        self.Conv2d_2b_3x3 = Conv(32, 64, 3)
         self.maxpool1 = nn.MaxPool2d(3, stride=2)
-        self.Conv2d_3b_1x1 = BasicConv2d(64, 80, kernel_size=1)
-        self.Conv2d_4a_3x3 = BasicConv2d(80, 192, kernel_size=3)
+        self.Conv2d_3b_1x1 = Conv(64, 80, 1)
+        self.Conv2d_4a_3x3 = Conv(80, 192, 3, padding=0)
         self.maxpool2 = nn.MaxPool2d(3, stride=2)
-        self.Mixed_5b = InceptionA(192, 32, pool["A"])
-        self.Mixed_5c = InceptionA(256, 64, pool["A"])
-        self.Mixed_5d = InceptionA(288, 64, pool["A"])
-        self.Mixed_6a = InceptionB(288)
-        self.Mixed_6b = InceptionC(768, 128, pool["C"])
-        self.Mixed_6c = InceptionC(768, 160, pool["C"])
-        self.Mixed_6d = InceptionC(768, 160, pool["C"])
-        self.Mixed_6e = InceptionC(768, 192, pool["C"])
-        self.Mixed_7a = InceptionD(768)
-        self.Mixed_7b = InceptionE(1280, pool["E1"])
-        self.Mixed_7c = InceptionE(2048, pool["E2"])
-        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        for name, cin, pool_features in ("5b", 192, 32), ("5c", 256, 64), ("5d", 288, 64):
+            setattr(self, f"Mixed_{name}", Mixed(  # torchvision's InceptionA
+                branch1x1=[Conv(cin, 64, 1)], branch5x5=[Conv(cin, 48, 1), Conv(48, 64, 5)],
+                branch3x3dbl=[Conv(cin, 64, 1), Conv(64, 96, 3), Conv(96, 96, 3)],
+                branch_pool=[pool["A"], Conv(cin, pool_features, 1)]))
+        self.Mixed_6a = Mixed(  # InceptionB
+            branch3x3=[Conv(288, 384, 3, stride=2)],
+            branch3x3dbl=[Conv(288, 64, 1), Conv(64, 96, 3), Conv(96, 96, 3, stride=2)],
+            pool=[max_pool])
+        row, col = (1, 7), (7, 1)
+        for name, c7 in ("6b", 128), ("6c", 160), ("6d", 160), ("6e", 192):
+            setattr(self, f"Mixed_{name}", Mixed(  # InceptionC
+                branch1x1=[Conv(768, 192, 1)],
+                branch7x7=[Conv(768, c7, 1), Conv(c7, c7, row), Conv(c7, 192, col)],
+                branch7x7dbl=[Conv(768, c7, 1), Conv(c7, c7, col), Conv(c7, c7, row),
+                              Conv(c7, c7, col), Conv(c7, 192, row)],
+                branch_pool=[pool["C"], Conv(768, 192, 1)]))
+        self.Mixed_7a = Mixed(  # InceptionD
+            branch3x3=[Conv(768, 192, 1), Conv(192, 320, 3, stride=2)],
+            branch7x7x3=[Conv(768, 192, 1), Conv(192, 192, row), Conv(192, 192, col),
+                         Conv(192, 192, 3, stride=2)],
+            pool=[max_pool])
+        for name, cin, pool_e in ("7b", 1280, pool["E1"]), ("7c", 2048, pool["E2"]):
+            setattr(self, f"Mixed_{name}", Mixed(  # InceptionE
+                branch1x1=[Conv(cin, 320, 1)],
+                branch3x3=[Conv(cin, 384, 1), [Conv(384, 384, (1, 3)), Conv(384, 384, (3, 1))]],
+                branch3x3dbl=[Conv(cin, 448, 1), Conv(448, 384, 3),
+                              [Conv(384, 384, (1, 3)), Conv(384, 384, (3, 1))]],
+                branch_pool=[pool_e, Conv(cin, 192, 1)]))
 
-    def forward(self, x):
-        """Floats (N, 3, H, W) in [0, 1] -> (N, 2048) features, resized and scaled as in
-        pytorch-fid: bilinear to 299x299 (align_corners=False), then to [-1, 1] (both files')."""
+    def forward(self, x):  # floats (N, 3, H, W) in [0, 1] -> (N, 2048), preprocessed as in
+        # pytorch-fid: bilinear to 299x299 (align_corners=False), then to [-1, 1] (both files')
         x = F.interpolate(x, size=(299, 299), mode="bilinear", align_corners=False)
         x = (2 * x - 1).contiguous(memory_format=torch.channels_last)
-        return _chain(x, *self.children()).flatten(1)
+        return _chain(x, *self.children()).mean((2, 3))
 
 
 def load_weights(model, state, variant):

@@ -1537,8 +1537,8 @@ def test_features_match_torchvision_and_pytorch_fid(weights, variant):
     at 2^-24 each: ~sqrt(K) 2^-24 ~ 4e-6 relative per layer, over ~20 layers on the longest path
     ~1e-4 of the feature scale at worst; we allow 1e-4 x rms(features). Measured here (torch 2.13
     CPU, 1 and 2 threads; our net folds batch norm and runs channels-last): at most 3.5e-6 x rms.
-    One-line changes fail it by far more: input in [0, 1] instead of [-1, 1], a TF pool patch
-    removed or swapped, align_corners=True or another resize mode."""
+    One-line changes fail it by far more: input in [0, 1] instead of [-1, 1], a resize to 298,
+    align_corners=True, any of the four TF pools reverted to torchvision's."""
     assert META["seed"] == 20200 and META["image_seed"] == 7
     net = meta_inception(variant).to_empty(device="cpu")
     fid.load_weights(net, {k: v for k, v in weights[1].items() if not k.startswith(fid.IGNORED)},
@@ -1555,12 +1555,11 @@ def test_features_match_torchvision_and_pytorch_fid(weights, variant):
     assert np.all(np.abs(got.sum(1) - REFERENCE[f"{variant}_sum"]) <= tol * 2048)
 
 
-def test_state_dict_matches_torchvision_manifest():
+@pytest.mark.parametrize("variant", ["torchvision", "tf"])
+def test_state_dict_matches_torchvision_manifest(variant):
     want = {k: s for k, s in MANIFEST.items() if not k.startswith(("AuxLogits.", "fc."))}
     assert len(want) == len(MANIFEST) - 16
-    for variant in ("torchvision", "tf"):
-        got = {k: list(v.shape) for k, v in meta_inception(variant).state_dict().items()}
-        assert got == want
+    assert {k: list(v.shape) for k, v in meta_inception(variant).state_dict().items()} == want
 
 
 @pytest.mark.parametrize("variant,classes", [("torchvision", 1000), ("tf", 1008)])
@@ -1611,11 +1610,19 @@ def test_pool_branches(pool, expected):
     assert out == pytest.approx(expected)
 
 
-def test_tf_variant_uses_the_four_patched_pools():
-    m = meta_inception("tf")
-    pools = [m.Mixed_5b.pool, m.Mixed_5d.pool, m.Mixed_6b.pool, m.Mixed_6e.pool, m.Mixed_7b.pool,
-             m.Mixed_7c.pool]
-    assert pools == [fid.tf_avg_pool] * 5 + [fid.tf_max_pool]
+@pytest.mark.parametrize("variant", ["torchvision", "tf"])
+def test_each_block_pools_as_its_variant(variant):
+    """The pools in each Mixed block's branches: the four TF patches, and the grid reductions'
+    stride-2 max pool (Mixed_6a, Mixed_7a) in both."""
+    tv = variant == "torchvision"
+    patched = fid.avg_pool if tv else fid.tf_avg_pool
+    want = {**{f"Mixed_{b}": [patched] for b in ("5b", "5c", "5d", "6b", "6c", "6d", "6e", "7b")},
+            "Mixed_6a": [fid.max_pool], "Mixed_7a": [fid.max_pool],
+            "Mixed_7c": [fid.avg_pool if tv else fid.tf_max_pool]}
+    got = {name: [f for branch in block.branches for f in branch
+                  if not isinstance(f, (fid.Conv, list))]
+           for name, block in meta_inception(variant).named_children() if name.startswith("Mix")}
+    assert got == want
 
 
 # ---------------------------------------------------------------- features and statistics
