@@ -17,7 +17,6 @@ import argparse
 import contextlib
 import functools
 import os
-import pickle
 import sys
 import zipfile
 
@@ -163,11 +162,12 @@ def load_inception(variant="torchvision", weights_path=None, device=None):
         state = (torch.load(weights_path, map_location="cpu", weights_only=True) if weights_path
                  else torch.hub.load_state_dict_from_url(URLS[variant], map_location="cpu",
                                                          check_hash=True, weights_only=True))
-    except (OSError, RuntimeError, pickle.UnpicklingError) as e:  # URLError, bad hash or file
-        raise DataError(f"cannot load Inception weights from {weights_path}: {e}" if weights_path
-                        else f"cannot get the {variant} Inception weights ({e}). Offline, download "
-                        f"{URLS[variant]} elsewhere and pass it with --inception-weights PATH"
-                        ) from None
+    except Exception as e:  # offline, a bad hash, or no weights (torch.load raises anything then)
+        # torch's advice for a file of other objects, weights_only=False, would run their code
+        why = "" if "weights_only" in str(e) else str(e).strip().split("\n")[0]
+        raise DataError(f"cannot load {weights_path or URLS[variant]} ({why or 'not weights'}). "
+                        f"The {variant} weights are at {URLS[variant]}; offline, download them "
+                        "elsewhere and pass them with --inception-weights PATH") from None
     with torch.device("meta"):  # no random initialisation (0.8 s): load_weights sets all
         model = InceptionV3(variant)
     load_weights(model.to_empty(device="cpu"), state, variant)

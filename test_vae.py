@@ -1592,12 +1592,54 @@ def test_weights_file_refused(weights, tmp_path, damage):
         fid.load_inception("torchvision", weights_path=tmp_path / "w.pth", device="cpu")
 
 
+@pytest.mark.parametrize("write, reason", [
+    (lambda p: p.write_bytes(b"not a checkpoint"), "not weights"),
+    (lambda p: p.write_bytes(b""), "not weights"),
+    (lambda p: p.write_bytes(b"U"), "index out of range"),
+    (lambda p: p.write_bytes(b"X"), "unpack requires a buffer of 4 bytes"),
+    (lambda p: torch.save(nn.Linear(2, 2), p), "not weights"),  # code, not just tensors
+    (lambda p: None, "[Errno 2] No such file"),
+], ids=["text", "empty", "IndexError", "struct.error", "pickled module", "missing"])
+def test_not_a_weights_file_is_refused_in_one_line(tmp_path, write, reason):
+    """torch.load's own message for a file of other objects advises "weights_only=False", which
+    would run the file's code: never passed on. Junk makes it raise anything (the one-byte files
+    an IndexError and a struct.error)."""
+    path = tmp_path / "w.pth"
+    write(path)
+    with pytest.raises(DataError) as e:
+        fid.load_inception("tf", weights_path=path, device="cpu")
+    message = str(e.value)
+    assert message.startswith(f"cannot load {path} ({reason}") and fid.URLS["tf"] in message
+    assert "\n" not in message and "weights_only" not in message
+
+
+@pytest.mark.parametrize("variant, url, classes", [
+    ("torchvision", "https://download.pytorch.org/models/inception_v3_google-0cc3c7bd.pth", 1000),
+    ("tf", "https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
+           "pt_inception-2015-12-05-6726825d.pth", 1008),
+])
+def test_download_is_the_published_file_hash_checked_and_weights_only(weights, monkeypatch,
+                                                                      variant, url, classes):
+    """The URLs torchvision and pytorch-fid publish; the name's 8 hex digits are the SHA-256
+    prefix that check_hash verifies, and weights_only keeps a tampered file from running code."""
+    calls = []
+
+    def hub(*args, **kwargs):
+        calls.append((args, kwargs))
+        return {**weights[1], "fc.weight": torch.zeros(classes, 2048)}
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", hub)
+    assert fid.load_inception(variant, device="cpu").variant == variant
+    assert calls == [((url,), dict(map_location="cpu", check_hash=True, weights_only=True))]
+
+
 def test_no_network_and_no_path_names_url_and_option(monkeypatch):
     def offline(*args, **kwargs):
         raise urllib.error.URLError("no network")
     monkeypatch.setattr(torch.hub, "load_state_dict_from_url", offline)
-    with pytest.raises(DataError, match=re.escape(fid.URLS["tf"]) + ".*--inception-weights"):
+    with pytest.raises(DataError) as e:
         fid.load_inception("tf")
+    assert re.fullmatch(f".*no network.*{re.escape(fid.URLS['tf'])}.* --inception-weights PATH",
+                        str(e.value))
 
 
 @pytest.mark.parametrize("pool, expected", [  # corner of a 3x3 pool over a 2x2 image, by hand
