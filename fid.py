@@ -10,11 +10,11 @@ Deviations from pytorch-fid:
 - tr sqrtm(s1 s2) by symmetric eigh: finite with fewer images than features, where scipy's
   sqrtm of the non-symmetric s1 s2 turns round-off imaginary and refuses.
 - Batch norm folded into the convolutions, channels-last: faster, the same features.
+- TF32 off for the features: torch lets cuDNN use it by default, which rounds the inputs.
 - Generated images are quantised to uint8 (by the caller), as the real images' files are.
 - Fewer images than the 2048 features: a warning (singular covariance, the FID biased up).
 """
 import argparse
-import contextlib
 import functools
 import os
 import sys
@@ -175,17 +175,7 @@ def load_inception(variant="torchvision", weights_path=None, device=None):
     return model.to(device, memory_format=torch.channels_last).eval().requires_grad_(False)
 
 
-@contextlib.contextmanager
-def exact_fp32():
-    """TF32 off inside (features drift with it); the caller's settings restored after."""
-    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
-    try:
-        yield
-    finally:
-        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
-
-
+@torch.no_grad()
 def feature_stats(model, images, batch_size=200, desc="features", total=None):
     """Float64 mean and covariance (np.cov, N - 1) of the features of uint8 images (N, H, W, 3):
     an array, or an iterable of such batches (`total` images, if known, for the progress line)."""
@@ -193,13 +183,17 @@ def feature_stats(model, images, batch_size=200, desc="features", total=None):
         total = len(images)
         images = [images[i:i + batch_size] for i in range(0, total, batch_size)]  # views
     device, feats = next(model.parameters()).device, []
-    with torch.no_grad(), exact_fp32():
+    tf32 = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False  # exact fp32
+    try:
         for batch in progress(images, total, desc):
             if batch.dtype != np.uint8 or batch.ndim != 4 or batch.shape[3] != 3:
                 raise DataError(f"{desc}: expected uint8 images (N, H, W, 3), not {batch.dtype} "
                                 f"{batch.shape}")
             x = torch.from_numpy(np.array(batch)).to(device)  # a copy: memmaps are read-only
             feats.append(model(x.permute(0, 3, 1, 2).float() / 255).double().cpu())
+    finally:  # the caller's settings back
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = tf32
     n = sum(map(len, feats))
     if n < 2:
         raise DataError(f"{desc}: {n} image(s); a covariance needs at least 2 (the paper: 10,000)")

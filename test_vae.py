@@ -1674,13 +1674,17 @@ def images(n, size=8, seed=0):
 
 
 class Pixels(nn.Module):
-    """Stand-in for the network: its features are the first 6 input values (+ offset), float32."""
+    """Stand-in for the network: its features are the first 6 input values (+ offset), float32;
+    it records its batch sizes and the TF32 settings it runs under."""
 
     def __init__(self, offset=0.0):
         super().__init__()
         self.offset = nn.Parameter(torch.tensor(offset))  # also tells feature_stats the device
+        self.batches, self.tf32 = [], set()
 
     def forward(self, x):
+        self.batches.append(len(x))
+        self.tf32.add((torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32))
         return x.flatten(1)[:, :6] + self.offset
 
 
@@ -1725,15 +1729,17 @@ def test_feature_stats_refuses_bad_input(bad, message):
 
 
 @pytest.mark.parametrize("before", [True, False])
-def test_exact_fp32_turns_tf32_off_and_restores(before):
+def test_features_are_computed_without_tf32_and_the_settings_restored(before):
     flags = torch.backends.cudnn, torch.backends.cuda.matmul
     saved = [f.allow_tf32 for f in flags]
     try:
         for f in flags:
             f.allow_tf32 = before
-        with fid.exact_fp32():
-            assert [f.allow_tf32 for f in flags] == [False, False]
-        assert [f.allow_tf32 for f in flags] == [before, before]
+        net = Pixels()
+        fid.feature_stats(net, images(3))
+        with pytest.raises(DataError):  # restored after an error too
+            fid.feature_stats(net, [images(2), images(2).astype(np.float32)])
+        assert net.tf32 == {(False, False)} and [f.allow_tf32 for f in flags] == [before] * 2
     finally:
         for f, value in zip(flags, saved):
             f.allow_tf32 = value
