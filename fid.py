@@ -8,7 +8,7 @@ folders or statistics .npz); --save-stats writes A's statistics.
 
 Deviations from pytorch-fid:
 - tr sqrtm(s1 s2) by symmetric eigh: finite with fewer images than features, where scipy's
-  sqrtm of the non-symmetric s1 s2 turns round-off imaginary and refuses.
+  sqrtm of the non-symmetric s1 s2 can turn round-off imaginary, and pytorch-fid then refuses.
 - Batch norm folded into the convolutions, channels-last: faster, the same features.
 - TF32 off for the features: torch lets cuDNN use it by default, which rounds the inputs.
 - Generated images are quantised to uint8 (by the caller), as the real images' files are.
@@ -223,8 +223,7 @@ def frechet_distance(mu1, sigma1, mu2, sigma2):
     return float(np.sum((mu1 - mu2) ** 2) + np.trace(s1) + np.trace(s2) - 2 * tr_covmean)
 
 
-def save_stats(path, mu, sigma):
-    """Write mu and sigma to a .npz, atomically: an interrupted run leaves no half a cache."""
+def save_stats(path, mu, sigma):  # atomically: an interrupted run leaves no half a cache
     atomic_write(path, lambda f: np.savez(f, mu=mu, sigma=sigma))
 
 
@@ -233,7 +232,7 @@ def load_stats(path):
     try:
         with np.load(path) as f:
             return f["mu"], f["sigma"]
-    except (OSError, ValueError, KeyError, zipfile.BadZipFile) as e:
+    except (OSError, ValueError, KeyError, TypeError, EOFError, zipfile.BadZipFile) as e:
         raise DataError(f"cannot read statistics (mu, sigma) from {path}: {e}") from None
 
 

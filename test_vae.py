@@ -1450,16 +1450,22 @@ def test_frechet_distance_of_rank_deficient_inception_like_statistics():
                                                      abs=2 * root_tol(2048, largest))
 
 
-def test_round_off_below_zero_is_clipped():
+@pytest.mark.parametrize("side", [1, 2])
+def test_round_off_below_zero_is_clipped(side):
     """An eigenvalue -1e-9 of the largest (float32-stored statistics reach ~1e-9) is round-off:
-    its root counts as 0. By hand: tr s1 = 4 - 1e-9, tr s2 = 2, tr sqrtm(s1 s2) = sqrt(4) + 0."""
-    got = fid.frechet_distance(np.zeros(2), np.diag([4.0, -4e-9]), np.zeros(2), np.eye(2))
+    its root counts as 0, in either covariance. By hand: the traces are 4 - 4e-9 and 2, and
+    tr sqrtm(s1 s2) = sqrt(4) + 0."""
+    sigmas = [np.diag([4.0, -4e-9]), np.eye(2)][::1 if side == 1 else -1]
+    got = fid.frechet_distance(np.zeros(2), sigmas[0], np.zeros(2), sigmas[1])
     assert got == pytest.approx(4 - 4e-9 + 2 - 2 * 2, rel=0, abs=2 * root_tol(2, 4.0))
 
 
 @pytest.mark.parametrize("stats, message", [
     ((np.full(4, np.nan), np.eye(4), np.zeros(4), np.eye(4)), "NaN"),
-    ((np.zeros(4), np.eye(4), np.zeros(3), np.eye(3)), "do not match"),
+    ((np.zeros(2), np.eye(2), np.zeros(2), np.diag([1, np.inf])), "infinite"),
+    ((np.zeros(4), np.eye(4), np.zeros(3), np.eye(3)), r"do not match: mu \(4,\) and \(3,\)"),
+    ((np.zeros(3), np.eye(3), np.zeros(3), np.eye(4)), r"sigma \(3, 3\) and \(4, 4\)"),
+    ((np.zeros(3), np.eye(3)[:2], np.zeros(3), np.eye(3)[:2]), r"sigma \(2, 3\) and \(2, 3\)"),
 ])
 def test_frechet_distance_refuses_bad_statistics(stats, message):
     with pytest.raises(DataError, match=message):
@@ -1567,29 +1573,35 @@ def test_weights_file_with_classifier_heads_loads(weights, tmp_path, variant, cl
     state = {**weights[1], "fc.weight": torch.zeros(classes, 2048),
              "fc.bias": torch.zeros(classes)}
     torch.save(state, tmp_path / "w.pth")
-    loaded = fid.load_inception(variant, weights_path=tmp_path / "w.pth", device="cpu").state_dict()
+    net = fid.load_inception(variant, weights_path=tmp_path / "w.pth", device="cpu")
+    assert net.variant == variant and not net.training
+    loaded = net.state_dict()
     assert all(torch.equal(loaded[k], state[k]) for k in loaded if not k.endswith("_tracked"))
     assert all(loaded[k].item() == 0 for k in loaded if k.endswith("_tracked"))
     other = "tf" if variant == "torchvision" else "torchvision"  # the file under the wrong flag
-    with pytest.raises(DataError, match=f"fc has {classes} classes"):
+    with pytest.raises(DataError, match=f"fc has {classes} classes, not {2008 - classes}"):
         fid.load_inception(other, weights_path=tmp_path / "w.pth", device="cpu")
 
 
-@pytest.mark.parametrize("damage", ["missing", "wrong shape"])
-def test_weights_file_refused(weights, tmp_path, damage):
+KEY = "Mixed_6b.branch7x7_2.conv.weight"
+
+
+@pytest.mark.parametrize("damage, expect", [  # load_state_dict's own diagnosis, on one line
+    (lambda s: s.pop(KEY), f'Missing key(s) in state_dict: "{KEY}"'),
+    (lambda s: s.update({"Mixed_6b.extra.weight": torch.zeros(1)}),
+     'Unexpected key(s) in state_dict: "Mixed_6b.extra.weight"'),
+    (lambda s: s.update({KEY: torch.zeros(128, 128, 7, 1)}),
+     f"size mismatch for {KEY}: copying a param with shape torch.Size([128, 128, 7, 1]) from "
+     "checkpoint, the shape in current model is torch.Size([128, 128, 1, 7])"),
+], ids=["missing", "stray", "wrong shape"])
+def test_weights_file_refused(weights, tmp_path, damage, expect):
     state = dict(weights[1])
-    key = "Mixed_6b.branch7x7_2.conv.weight"
-    if damage == "missing":
-        del state[key]
-        expect = re.escape(f'Missing key(s) in state_dict: "{key}"')
-    else:
-        state[key] = torch.zeros(128, 128, 7, 1)
-        expect = re.escape(f"size mismatch for {key}: copying a param with shape torch.Size([128, "
-                           "128, 7, 1]) from checkpoint, the shape in current model is "
-                           "torch.Size([128, 128, 1, 7])")
+    damage(state)
     torch.save(state, tmp_path / "w.pth")
-    with pytest.raises(DataError, match=expect + ".*" + re.escape(fid.URLS["torchvision"])):
+    with pytest.raises(DataError) as e:
         fid.load_inception("torchvision", weights_path=tmp_path / "w.pth", device="cpu")
+    assert expect in str(e.value) and fid.URLS["torchvision"] in str(e.value)
+    assert "\n" not in str(e.value)
 
 
 @pytest.mark.parametrize("write, reason", [
@@ -1707,21 +1719,30 @@ def test_statistics_are_float64_mean_over_images_and_covariance_over_n_minus_1()
 
 
 def test_progress_counts_images_with_the_total(capsys):
-    x = images(5, size=4)
+    x = images(7, size=4)
     direct = fid.feature_stats(Pixels(), x, batch_size=2, desc="FID real")
-    err = capsys.readouterr().err
-    assert "FID real 5/5 images" in err
-    assert "5 images < 6 features, so the covariance is singular" in err  # the N < 2048 warning
-    streamed = fid.feature_stats(Pixels(), (x[i:i + 2] for i in range(0, 5, 2)), desc="gen",
-                                 total=5)
-    assert "gen 5/5 images" in capsys.readouterr().err
+    assert "FID real 7/7 images" in capsys.readouterr().err
+    streamed = fid.feature_stats(Pixels(), (x[i:i + 2] for i in range(0, 7, 2)), desc="gen",
+                                 total=7)
+    assert "gen 7/7 images" in capsys.readouterr().err
     assert all(np.array_equal(a, b) for a, b in zip(direct, streamed))  # a generator is accepted
 
 
+@pytest.mark.parametrize("n", [5, 6])  # Pixels has 6 features; the network 2048
+def test_warning_below_as_many_images_as_features(capsys, n):
+    fid.feature_stats(Pixels(), images(n, size=4), desc="FID real")
+    warned = re.findall("^warning: .*", capsys.readouterr().err, re.M)
+    assert warned == (["warning: FID real: 5 images < 6 features, so the covariance is singular "
+                       "and the FID biased up: compare only at equal N (the paper's 10,000)"]
+                      if n == 5 else [])
+
+
 @pytest.mark.parametrize("bad, message", [
-    (images(1), "at least 2"),
+    (images(1), "1 image.*at least 2"),
+    ([], "0 image.*at least 2"),
     (images(2).astype(np.float32), "uint8"),
     (images(2)[..., 0], "uint8"),
+    (np.zeros((2, 8, 8, 4), np.uint8), r"uint8 images \(N, H, W, 3\), not uint8 \(2, 8, 8, 4\)"),
 ])
 def test_feature_stats_refuses_bad_input(bad, message):
     with pytest.raises(DataError, match=message):
@@ -1764,6 +1785,51 @@ def test_stats_cache_miss_computes_and_saves_then_hit_reads(tmp_path):
     assert files_under(tmp_path) == ["stats.npz"]
 
 
+def test_interrupted_save_leaves_no_statistics(tmp_path):
+    """np.savez fails at sigma after writing mu: no half-written file under the name, which the
+    next run's cached_stats would otherwise load as the statistics."""
+    class Unwritable:
+        def __array__(self, *args, **kwargs):
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        fid.save_stats(tmp_path / "stats.npz", np.zeros(3), Unwritable())
+    assert files_under(tmp_path) == []
+
+
+def npz_without_sigma(p):
+    np.savez(p / "mu.npz", mu=np.zeros(2))
+    return str(p / "mu.npz")
+
+
+def junk_npz(p):
+    (p / "junk.npz").write_bytes(b"junk")
+    return str(p / "junk.npz")
+
+
+def empty_npz(p):
+    (p / "empty.npz").write_bytes(b"")
+    return str(p / "empty.npz")
+
+
+def array_named_npz(p):  # np.save's format, not np.savez's
+    with open(p / "array.npz", "wb") as f:
+        np.save(f, np.zeros(2))
+    return str(p / "array.npz")
+
+
+@pytest.mark.parametrize("setup, message", [
+    (junk_npz, "junk.npz: .*pickle"),
+    (npz_without_sigma, "mu.npz: .*sigma"),
+    (empty_npz, "empty.npz: No data left in file"),
+    (array_named_npz, "array.npz: .*ndarray"),
+], ids=["junk", "no sigma", "empty", "npy format"])
+def test_load_stats_refuses_a_bad_file_in_one_line(tmp_path, setup, message):
+    with pytest.raises(DataError, match=f"^cannot read statistics .* from .*{message}") as e:
+        fid.load_stats(setup(tmp_path))
+    assert "\n" not in str(e.value)
+
+
 # ---------------------------------------------------------------- command line
 
 def write_folder(path, x):
@@ -1799,15 +1865,29 @@ def test_cli_prints_the_fid_of_two_statistics_files(tmp_path, capsys):
     assert capsys.readouterr() == ("2.000000\n", "")
 
 
+def test_cli_passes_its_network_options_on(tmp_path, monkeypatch):
+    """--inception, --inception-weights and --device reach load_inception, --batch-size the
+    reads; the saved statistics are the stand-in network's features, by hand."""
+    x = images(5, size=4, seed=4)
+    folder, out, loads, net = write_folder(tmp_path / "x", x), tmp_path / "x.npz", [], Pixels()
+    monkeypatch.setattr(fid, "load_inception", lambda *args: loads.append(args) or net)
+    assert fid.main([folder, "--save-stats", str(out), "--inception", "tf", "--inception-weights",
+                     "w.pth", "--device", "cpu", "--batch-size", "2"]) == 0
+    assert loads == [("tf", "w.pth", "cpu")] and net.batches == [2, 2, 1]
+    f = pixel_features(x.transpose(0, 3, 1, 2))
+    c = f - f.mean(0)
+    mu, sigma = fid.load_stats(out)
+    assert mu == pytest.approx(f.mean(0), rel=0, abs=1e-12)
+    assert sigma == pytest.approx(c.T @ c / 4, rel=0, abs=1e-12)
+    assert fid.main([folder, "--save-stats", str(out)]) == 0
+    assert loads[1] == ("torchvision", None, "cuda" if torch.cuda.is_available() else "cpu")
+    assert net.batches[3:] == [5]  # --batch-size 200 by default
+
+
 def unreadable_image(p):
     folder = write_folder(p / "images", images(2))
     (p / "images" / "03.png").write_bytes(b"not a png")
     return folder
-
-
-def junk_npz(p):
-    (p / "junk.npz").write_bytes(b"junk")
-    return str(p / "junk.npz")
 
 
 def image_array(p):  # uint8 image arrays are no input (save them as image files)
@@ -1827,14 +1907,36 @@ def mixed_sizes(p):
     (unreadable_image, "cannot read the images from .*00.png on: .*03.png"),
     (mixed_sizes, "cannot read the images from .*00.png on: .*same shape"),
     (junk_npz, "cannot read statistics .*junk.npz"),
+    (npz_without_sigma, "cannot read statistics .*mu.npz"),
     (image_array, "x.npy: neither a statistics .npz"),
     (lambda p: str(p / "missing.npz"), "missing.npz: neither"),
-])
+], ids=["one image", "empty folder", "unreadable image", "mixed sizes", "junk npz",
+        "npz without sigma", "npy", "missing npz"])
 def test_cli_errors(weights, tmp_path, capsys, setup, message):
     source = setup(tmp_path)
     code = fid.main([source, "--save-stats", str(tmp_path / "s.npz"), "--inception-weights",
                      str(weights[0]), "--device", "cpu"])
-    assert code == 1 and re.search(f"^error: .*{message}", capsys.readouterr().err, re.M)
+    err = capsys.readouterr().err
+    assert code == 1 and re.search(f"^error: .*{message}", err, re.M)
+    assert not os.path.exists(tmp_path / "s.npz")
+
+
+def test_cli_needs_two_inputs_or_save_stats_and_documents_every_argument(monkeypatch, capsys):
+    with pytest.raises(SystemExit) as e:
+        fid.main(["a.npz"])
+    assert e.value.code == 2 and "--save-stats OUT.npz" in capsys.readouterr().err
+    parsers = []
+
+    def capture(parser, argv=None):
+        parsers.append(parser)
+        raise SystemExit(0)
+    monkeypatch.setattr(argparse.ArgumentParser, "parse_args", capture)
+    with pytest.raises(SystemExit):
+        fid.main([])
+    options = [a for a in parsers[0]._actions if a.dest != "help"]
+    assert {a.dest for a in options} == {"a", "b", "save_stats", "inception", "inception_weights",
+                                          "batch_size", "device"}
+    assert all(a.help and len(a.help.split()) >= 2 for a in options)
 
 
 # =============================================================================================
