@@ -1464,6 +1464,7 @@ def test_round_off_below_zero_is_clipped(side):
     ((np.full(4, np.nan), np.eye(4), np.zeros(4), np.eye(4)), "NaN"),
     ((np.zeros(2), np.eye(2), np.zeros(2), np.diag([1, np.inf])), "infinite"),
     ((np.zeros(4), np.eye(4), np.zeros(3), np.eye(3)), r"do not match: mu \(4,\) and \(3,\)"),
+    ((np.zeros(3), np.eye(3), np.zeros(4), np.eye(3)), r"mu \(3,\) and \(4,\), sigma \(3, 3\)"),
     ((np.zeros(3), np.eye(3), np.zeros(3), np.eye(4)), r"sigma \(3, 3\) and \(4, 4\)"),
     ((np.zeros(3), np.eye(3)[:2], np.zeros(3), np.eye(3)[:2]), r"sigma \(2, 3\) and \(2, 3\)"),
 ])
