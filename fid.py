@@ -4,23 +4,19 @@ The paper scores reconstructions (REC), decoder samples (GEN-1) and two-stage sa
 their FID against 10,000 test images (sections 4-5). Only `--inception tf` (pytorch-fid's port
 of the TF graph of 2015-12-05) gives FIDs comparable with the paper's; torchvision's ImageNet
 weights (the default) give another scale. `python fid.py A B` prints the FID of A vs B (image
-folders or statistics .npz); --save-stats writes statistics, --bench times the network.
+folders or statistics .npz); --save-stats writes A's statistics.
 
 Deviations from pytorch-fid:
 - tr sqrtm(s1 s2) by symmetric eigh: finite with fewer images than features, where scipy's
-  sqrtm of the non-symmetric s1 s2 turns round-off imaginary and refuses.
-- Matrices that are no covariances are refused: no FID is defined for them.
-- Statistics files record their network: those of different networks are not compared.
+  sqrtm of the non-symmetric s1 s2 can turn round-off imaginary, and pytorch-fid then refuses.
 - Batch norm folded into the convolutions, channels-last: faster, the same features.
+- TF32 off for the features: torch lets cuDNN use it by default, which rounds the inputs.
 - Generated images are quantised to uint8 (by the caller), as the real images' files are.
 - Fewer images than the 2048 features: a warning (singular covariance, the FID biased up).
 """
 import argparse
-import contextlib
 import functools
-import hashlib
 import os
-import pickle
 import sys
 import zipfile
 
@@ -30,7 +26,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
 
-from data import DataError, atomic_write, describe, list_images, progress, seconds_per_call
+from data import DataError, atomic_write, list_images, progress
 
 URLS = {  # torch.hub's check_hash reads the SHA-256 prefix that ends each name (pytorch-fid's:
     # 6726825d0af5f729cebd5821db510b11b1cfad8faad88a03f1befd49fb9129b2, as projects pin it)
@@ -41,23 +37,47 @@ FC_CLASSES = {"torchvision": 1000, "tf": 1008}  # the classifier sizes tell the 
 IGNORED = ("fc.", "AuxLogits.")  # classifier heads: FID uses the 2048-d pool features before them
 
 
-class BasicConv2d(nn.Module):  # convolution without bias, batch norm (eps 0.001), ReLU
-    def __init__(self, cin, cout, **conv):
+class Conv(nn.Module):
+    """torchvision's BasicConv2d: convolution without bias, batch norm (eps 0.001), ReLU."""
+    def __init__(self, cin, cout, kernel_size, stride=1, padding="same"):
         super().__init__()
-        self.conv = nn.Conv2d(cin, cout, bias=False, **conv)
+        padding = padding if stride == 1 else 0  # torchvision's strided convolutions never pad
+        self.conv = nn.Conv2d(cin, cout, kernel_size, stride, padding, bias=False)
         self.bn = nn.BatchNorm2d(cout, eps=0.001)
 
     def forward(self, x):  # inference only: batch norm folded into the conv, a fifth less time
         c, bn = self.conv, self.bn
         scale = bn.weight * (bn.running_var + bn.eps).rsqrt()
-        x = F.conv2d(x, c.weight * scale[:, None, None, None], bn.bias - bn.running_mean * scale,
-                     c.stride, c.padding)
-        return F.relu(x, inplace=True)
+        return F.relu_(F.conv2d(x, c.weight * scale[:, None, None, None],
+                                bn.bias - bn.running_mean * scale, c.stride, c.padding))
+
+
+def _chain(x, *layers):  # a list among the layers is a fork: its outputs concatenated
+    for layer in layers:
+        x = torch.cat([f(x) for f in layer], 1) if isinstance(layer, list) else layer(x)
+    return x
+
+
+class Mixed(nn.Module):
+    """An Inception block: branches, each a chain of layers on the block's input, concatenated.
+    Convolutions get torchvision's names: the branch's if it has one, else with _1, _2 (_2a...)."""
+    def __init__(self, **branches):
+        super().__init__()
+        self.branches = list(branches.values())
+        for name, layers in branches.items():
+            convs = [layer for layer in layers if isinstance(layer, (Conv, list))]
+            for i, layer in enumerate(convs, 1):
+                for ab, conv in zip("ab", layer) if isinstance(layer, list) else [("", layer)]:
+                    self.add_module(name if len(convs) == 1 else f"{name}_{i}{ab}", conv)
+
+    def forward(self, x):
+        return torch.cat([_chain(x, *layers) for layers in self.branches], 1)
 
 
 avg_pool = functools.partial(F.avg_pool2d, kernel_size=3, stride=1, padding=1)
 tf_avg_pool = functools.partial(avg_pool, count_include_pad=False)
 tf_max_pool = functools.partial(F.max_pool2d, kernel_size=3, stride=1, padding=1)
+max_pool = functools.partial(F.max_pool2d, kernel_size=3, stride=2)  # the grid reductions'
 # The TF graph differs from torchvision's only in four pool branches (pytorch-fid's "Patch"es).
 POOLS = {"torchvision": dict(A=avg_pool, C=avg_pool, E1=avg_pool, E2=avg_pool),
          "tf": dict(A=tf_avg_pool,    # 1. TF's average pool leaves the padding out of the mean...
@@ -66,141 +86,53 @@ POOLS = {"torchvision": dict(A=avg_pool, C=avg_pool, E1=avg_pool, E2=avg_pool),
                     E2=tf_max_pool)}  # 4. Mixed_7c max-pools (likely a slip; FIDs keep it).
 
 
-def _chain(x, *layers):
-    for layer in layers:
-        x = layer(x)
-    return x
-
-
-class InceptionA(nn.Module):
-    def __init__(self, cin, pool_features, pool):
-        super().__init__()
-        self.branch1x1 = BasicConv2d(cin, 64, kernel_size=1)
-        self.branch5x5_1 = BasicConv2d(cin, 48, kernel_size=1)
-        self.branch5x5_2 = BasicConv2d(48, 64, kernel_size=5, padding=2)
-        self.branch3x3dbl_1 = BasicConv2d(cin, 64, kernel_size=1)
-        self.branch3x3dbl_2 = BasicConv2d(64, 96, kernel_size=3, padding=1)
-        self.branch3x3dbl_3 = BasicConv2d(96, 96, kernel_size=3, padding=1)
-        self.branch_pool = BasicConv2d(cin, pool_features, kernel_size=1)
-        self.pool = pool
-
-    def forward(self, x):
-        return torch.cat([self.branch1x1(x), _chain(x, self.branch5x5_1, self.branch5x5_2),
-                          _chain(x, self.branch3x3dbl_1, self.branch3x3dbl_2, self.branch3x3dbl_3),
-                          self.branch_pool(self.pool(x))], 1)
-
-
-class InceptionB(nn.Module):
-    def __init__(self, cin):
-        super().__init__()
-        self.branch3x3 = BasicConv2d(cin, 384, kernel_size=3, stride=2)
-        self.branch3x3dbl_1 = BasicConv2d(cin, 64, kernel_size=1)
-        self.branch3x3dbl_2 = BasicConv2d(64, 96, kernel_size=3, padding=1)
-        self.branch3x3dbl_3 = BasicConv2d(96, 96, kernel_size=3, stride=2)
-
-    def forward(self, x):
-        return torch.cat([self.branch3x3(x),
-                          _chain(x, self.branch3x3dbl_1, self.branch3x3dbl_2, self.branch3x3dbl_3),
-                          F.max_pool2d(x, 3, stride=2)], 1)
-
-
-class InceptionC(nn.Module):
-    def __init__(self, cin, c7, pool):
-        super().__init__()
-        row = dict(kernel_size=(1, 7), padding=(0, 3))
-        col = dict(kernel_size=(7, 1), padding=(3, 0))
-        self.branch1x1 = BasicConv2d(cin, 192, kernel_size=1)
-        self.branch7x7_1 = BasicConv2d(cin, c7, kernel_size=1)
-        self.branch7x7_2 = BasicConv2d(c7, c7, **row)
-        self.branch7x7_3 = BasicConv2d(c7, 192, **col)
-        self.branch7x7dbl_1 = BasicConv2d(cin, c7, kernel_size=1)
-        self.branch7x7dbl_2 = BasicConv2d(c7, c7, **col)
-        self.branch7x7dbl_3 = BasicConv2d(c7, c7, **row)
-        self.branch7x7dbl_4 = BasicConv2d(c7, c7, **col)
-        self.branch7x7dbl_5 = BasicConv2d(c7, 192, **row)
-        self.branch_pool = BasicConv2d(cin, 192, kernel_size=1)
-        self.pool = pool
-
-    def forward(self, x):
-        return torch.cat([self.branch1x1(x),
-                          _chain(x, self.branch7x7_1, self.branch7x7_2, self.branch7x7_3),
-                          _chain(x, self.branch7x7dbl_1, self.branch7x7dbl_2, self.branch7x7dbl_3,
-                                 self.branch7x7dbl_4, self.branch7x7dbl_5),
-                          self.branch_pool(self.pool(x))], 1)
-
-
-class InceptionD(nn.Module):
-    def __init__(self, cin):
-        super().__init__()
-        self.branch3x3_1 = BasicConv2d(cin, 192, kernel_size=1)
-        self.branch3x3_2 = BasicConv2d(192, 320, kernel_size=3, stride=2)
-        self.branch7x7x3_1 = BasicConv2d(cin, 192, kernel_size=1)
-        self.branch7x7x3_2 = BasicConv2d(192, 192, kernel_size=(1, 7), padding=(0, 3))
-        self.branch7x7x3_3 = BasicConv2d(192, 192, kernel_size=(7, 1), padding=(3, 0))
-        self.branch7x7x3_4 = BasicConv2d(192, 192, kernel_size=3, stride=2)
-
-    def forward(self, x):
-        return torch.cat([_chain(x, self.branch3x3_1, self.branch3x3_2),
-                          _chain(x, self.branch7x7x3_1, self.branch7x7x3_2, self.branch7x7x3_3,
-                                 self.branch7x7x3_4),
-                          F.max_pool2d(x, 3, stride=2)], 1)
-
-
-class InceptionE(nn.Module):
-    def __init__(self, cin, pool):
-        super().__init__()
-        self.branch1x1 = BasicConv2d(cin, 320, kernel_size=1)
-        self.branch3x3_1 = BasicConv2d(cin, 384, kernel_size=1)
-        self.branch3x3_2a = BasicConv2d(384, 384, kernel_size=(1, 3), padding=(0, 1))
-        self.branch3x3_2b = BasicConv2d(384, 384, kernel_size=(3, 1), padding=(1, 0))
-        self.branch3x3dbl_1 = BasicConv2d(cin, 448, kernel_size=1)
-        self.branch3x3dbl_2 = BasicConv2d(448, 384, kernel_size=3, padding=1)
-        self.branch3x3dbl_3a = BasicConv2d(384, 384, kernel_size=(1, 3), padding=(0, 1))
-        self.branch3x3dbl_3b = BasicConv2d(384, 384, kernel_size=(3, 1), padding=(1, 0))
-        self.branch_pool = BasicConv2d(cin, 192, kernel_size=1)
-        self.pool = pool
-
-    def forward(self, x):
-        a = self.branch3x3_1(x)
-        b = self.branch3x3dbl_2(self.branch3x3dbl_1(x))
-        return torch.cat([self.branch1x1(x), self.branch3x3_2a(a), self.branch3x3_2b(a),
-                          self.branch3x3dbl_3a(b), self.branch3x3dbl_3b(b),
-                          self.branch_pool(self.pool(x))], 1)
-
-
 class InceptionV3(nn.Module):
     """torchvision's Inception3 up to the 2048-d global average pool: no AuxLogits, no fc."""
-
     def __init__(self, variant="torchvision"):
         super().__init__()
-        self.variant = variant
-        pool = POOLS[variant]
-        self.Conv2d_1a_3x3 = BasicConv2d(3, 32, kernel_size=3, stride=2)
-        self.Conv2d_2a_3x3 = BasicConv2d(32, 32, kernel_size=3)
-        self.Conv2d_2b_3x3 = BasicConv2d(32, 64, kernel_size=3, padding=1)
+        self.variant, pool = variant, POOLS[variant]
+        self.Conv2d_1a_3x3 = Conv(3, 32, 3, stride=2)
+        self.Conv2d_2a_3x3 = Conv(32, 32, 3, padding=0)
+        self.Conv2d_2b_3x3 = Conv(32, 64, 3)
         self.maxpool1 = nn.MaxPool2d(3, stride=2)
-        self.Conv2d_3b_1x1 = BasicConv2d(64, 80, kernel_size=1)
-        self.Conv2d_4a_3x3 = BasicConv2d(80, 192, kernel_size=3)
+        self.Conv2d_3b_1x1 = Conv(64, 80, 1)
+        self.Conv2d_4a_3x3 = Conv(80, 192, 3, padding=0)
         self.maxpool2 = nn.MaxPool2d(3, stride=2)
-        self.Mixed_5b = InceptionA(192, 32, pool["A"])
-        self.Mixed_5c = InceptionA(256, 64, pool["A"])
-        self.Mixed_5d = InceptionA(288, 64, pool["A"])
-        self.Mixed_6a = InceptionB(288)
-        self.Mixed_6b = InceptionC(768, 128, pool["C"])
-        self.Mixed_6c = InceptionC(768, 160, pool["C"])
-        self.Mixed_6d = InceptionC(768, 160, pool["C"])
-        self.Mixed_6e = InceptionC(768, 192, pool["C"])
-        self.Mixed_7a = InceptionD(768)
-        self.Mixed_7b = InceptionE(1280, pool["E1"])
-        self.Mixed_7c = InceptionE(2048, pool["E2"])
-        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        for name, cin, pool_features in ("5b", 192, 32), ("5c", 256, 64), ("5d", 288, 64):
+            setattr(self, f"Mixed_{name}", Mixed(  # torchvision's InceptionA
+                branch1x1=[Conv(cin, 64, 1)], branch5x5=[Conv(cin, 48, 1), Conv(48, 64, 5)],
+                branch3x3dbl=[Conv(cin, 64, 1), Conv(64, 96, 3), Conv(96, 96, 3)],
+                branch_pool=[pool["A"], Conv(cin, pool_features, 1)]))
+        self.Mixed_6a = Mixed(  # InceptionB
+            branch3x3=[Conv(288, 384, 3, stride=2)],
+            branch3x3dbl=[Conv(288, 64, 1), Conv(64, 96, 3), Conv(96, 96, 3, stride=2)],
+            pool=[max_pool])
+        row, col = (1, 7), (7, 1)
+        for name, c7 in ("6b", 128), ("6c", 160), ("6d", 160), ("6e", 192):
+            setattr(self, f"Mixed_{name}", Mixed(  # InceptionC
+                branch1x1=[Conv(768, 192, 1)],
+                branch7x7=[Conv(768, c7, 1), Conv(c7, c7, row), Conv(c7, 192, col)],
+                branch7x7dbl=[Conv(768, c7, 1), Conv(c7, c7, col), Conv(c7, c7, row),
+                              Conv(c7, c7, col), Conv(c7, 192, row)],
+                branch_pool=[pool["C"], Conv(768, 192, 1)]))
+        self.Mixed_7a = Mixed(  # InceptionD
+            branch3x3=[Conv(768, 192, 1), Conv(192, 320, 3, stride=2)],
+            branch7x7x3=[Conv(768, 192, 1), Conv(192, 192, row), Conv(192, 192, col),
+                         Conv(192, 192, 3, stride=2)],
+            pool=[max_pool])
+        for name, cin, pool_e in ("7b", 1280, pool["E1"]), ("7c", 2048, pool["E2"]):
+            setattr(self, f"Mixed_{name}", Mixed(  # InceptionE
+                branch1x1=[Conv(cin, 320, 1)],
+                branch3x3=[Conv(cin, 384, 1), [Conv(384, 384, (1, 3)), Conv(384, 384, (3, 1))]],
+                branch3x3dbl=[Conv(cin, 448, 1), Conv(448, 384, 3),
+                              [Conv(384, 384, (1, 3)), Conv(384, 384, (3, 1))]],
+                branch_pool=[pool_e, Conv(cin, 192, 1)]))
 
-    def forward(self, x):
-        """Floats (N, 3, H, W) in [0, 1] -> (N, 2048) features, resized and scaled as in
-        pytorch-fid: bilinear to 299x299 (align_corners=False), then to [-1, 1] (both files')."""
+    def forward(self, x):  # floats (N, 3, H, W) in [0, 1] -> (N, 2048), preprocessed as in
+        # pytorch-fid: bilinear to 299x299 (align_corners=False), then to [-1, 1] (both files')
         x = F.interpolate(x, size=(299, 299), mode="bilinear", align_corners=False)
         x = (2 * x - 1).contiguous(memory_format=torch.channels_last)
-        return _chain(x, *self.children()).flatten(1)
+        return _chain(x, *self.children()).mean((2, 3))
 
 
 def load_weights(model, state, variant):
@@ -223,47 +155,27 @@ def load_weights(model, state, variant):
                         "leave --inception-weights out to download it.")
 
 
-def network_id(model):
-    """"<variant>-<16 hex digits of a SHA-256 of the weights' names and bytes>": statistics are
-    keyed by the weights' content, not by a file name that other weights may reuse."""
-    h = hashlib.sha256()
-    for k, v in sorted(model.state_dict().items()):
-        if not k.endswith("_tracked"):
-            h.update(k.encode() + v.cpu().numpy().tobytes())
-    return f"{model.variant}-{h.hexdigest()[:16]}"
-
-
 def load_inception(variant="torchvision", weights_path=None, device=None):
     """Eval-mode InceptionV3 with the variant's weights (`weights_path`, else downloaded once
-    into torch.hub's cache) on `device` (default: cuda if available); `.weights_id` names them."""
+    into torch.hub's cache) on `device` (default: cuda if available)."""
     try:
         state = (torch.load(weights_path, map_location="cpu", weights_only=True) if weights_path
                  else torch.hub.load_state_dict_from_url(URLS[variant], map_location="cpu",
                                                          check_hash=True, weights_only=True))
-    except (OSError, RuntimeError, pickle.UnpicklingError) as e:  # URLError, bad hash or file
-        raise DataError(f"cannot load Inception weights from {weights_path}: {e}" if weights_path
-                        else f"cannot get the {variant} Inception weights ({e}). Offline, download "
-                        f"{URLS[variant]} elsewhere and pass it with --inception-weights PATH "
-                        "(weights_path= in Python)") from None
+    except Exception as e:  # offline, a bad hash, or no weights (torch.load raises anything then)
+        # torch's advice for a file of other objects, weights_only=False, would run their code
+        why = "" if "weights_only" in str(e) else str(e).strip().split("\n")[0]
+        raise DataError(f"cannot load {weights_path or URLS[variant]} ({why or 'not weights'}). "
+                        f"The {variant} weights are at {URLS[variant]}; offline, download them "
+                        "elsewhere and pass them with --inception-weights PATH") from None
     with torch.device("meta"):  # no random initialisation (0.8 s): load_weights sets all
         model = InceptionV3(variant)
     load_weights(model.to_empty(device="cpu"), state, variant)
-    model.weights_id = network_id(model)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     return model.to(device, memory_format=torch.channels_last).eval().requires_grad_(False)
 
 
-@contextlib.contextmanager
-def exact_fp32():
-    """TF32 off inside (features drift with it); the caller's settings restored after."""
-    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
-    try:
-        yield
-    finally:
-        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
-
-
+@torch.no_grad()
 def feature_stats(model, images, batch_size=200, desc="features", total=None):
     """Float64 mean and covariance (np.cov, N - 1) of the features of uint8 images (N, H, W, 3):
     an array, or an iterable of such batches (`total` images, if known, for the progress line)."""
@@ -271,13 +183,17 @@ def feature_stats(model, images, batch_size=200, desc="features", total=None):
         total = len(images)
         images = [images[i:i + batch_size] for i in range(0, total, batch_size)]  # views
     device, feats = next(model.parameters()).device, []
-    with torch.no_grad(), exact_fp32():
+    tf32 = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False  # exact fp32
+    try:
         for batch in progress(images, total, desc):
             if batch.dtype != np.uint8 or batch.ndim != 4 or batch.shape[3] != 3:
                 raise DataError(f"{desc}: expected uint8 images (N, H, W, 3), not {batch.dtype} "
                                 f"{batch.shape}")
             x = torch.from_numpy(np.array(batch)).to(device)  # a copy: memmaps are read-only
             feats.append(model(x.permute(0, 3, 1, 2).float() / 255).double().cpu())
+    finally:  # the caller's settings back
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = tf32
     n = sum(map(len, feats))
     if n < 2:
         raise DataError(f"{desc}: {n} image(s); a covariance needs at least 2 (the paper: 10,000)")
@@ -287,18 +203,6 @@ def feature_stats(model, images, batch_size=200, desc="features", total=None):
               "singular and the FID biased up: compare only at equal N (the paper's 10,000)",
               file=sys.stderr)
     return feats.mean(0), np.cov(feats, rowvar=False)
-
-
-COV_TOL = 1e-6  # of the largest |entry| or eigenvalue: np.cov's round-off ~1e-16, float32's ~1e-9
-
-
-def _check_covariance(s, w, name):
-    """Refuse a matrix that is no covariance (w: its eigenvalues, ascending): no FID is defined."""
-    if np.abs(s - s.T).max() > COV_TOL * np.abs(s).max():
-        raise DataError(f"{name} is not symmetric, so no covariance: recompute the statistics")
-    if w[0] < -COV_TOL * np.abs(w).max():
-        raise DataError(f"{name} has the eigenvalue {w[0]:.3g} (largest {np.abs(w).max():.3g}), "
-                        "so it is no covariance: recompute the statistics")
 
 
 def frechet_distance(mu1, sigma1, mu2, sigma2):
@@ -311,61 +215,38 @@ def frechet_distance(mu1, sigma1, mu2, sigma2):
                         f"sigma {s1.shape} and {s2.shape}")
     if not all(np.isfinite(a).all() for a in (mu1, mu2, s1, s2)):
         raise DataError("the statistics contain NaN or infinite values: recompute them")
-    w1, v1 = np.linalg.eigh(s1)
-    _check_covariance(s1, w1, "sigma1")
-    _check_covariance(s2, np.linalg.eigvalsh(s2), "sigma2")
     # s1 s2 has the eigenvalues of the symmetric PSD r^T s2 r, r = v1 sqrt(w1), which eigvalsh
     # finds real to ~1e-16 of the largest (Weyl); round-off below 0 is clipped before the root.
+    w1, v1 = np.linalg.eigh(s1)
     r = v1 * np.sqrt(w1.clip(0))
     tr_covmean = np.sqrt(np.linalg.eigvalsh(r.T @ s2 @ r).clip(0)).sum()
     return float(np.sum((mu1 - mu2) ** 2) + np.trace(s1) + np.trace(s2) - 2 * tr_covmean)
 
 
-def same_network(id_a, id_b, a, b):
-    """Refuse statistics of different networks (their FID would measure the networks); warn for
-    those without a record (pytorch-fid's, older fid.py's)."""
-    if id_a is None or id_b is None:
-        print(f"warning: {a if id_a is None else b} does not record which Inception weights made "
-              "it: the FID is meaningful only if both sides come from the same network",
-              file=sys.stderr)
-    elif id_a != id_b:
-        raise DataError(f"{a} comes from Inception {id_a} but {b} from {id_b}: not comparable. "
-                        "Recompute one side with the other's --inception and --inception-weights "
-                        "(or delete a stale statistics file)")
-
-
-def save_stats(path, mu, sigma, weights_id):
-    """mu and sigma, and the network that made them (`inception` variant, `weights` hash)."""
-    if weights_id is None:
-        raise DataError(f"cannot save statistics to {path} without the network that made them")
-    variant, digest = weights_id.rsplit("-", 1)
-    atomic_write(path, lambda f: np.savez(f, mu=mu, sigma=sigma, inception=variant,
-                                          weights=digest))
+def save_stats(path, mu, sigma):  # atomically: an interrupted run leaves no half a cache
+    atomic_write(path, lambda f: np.savez(f, mu=mu, sigma=sigma))
 
 
 def load_stats(path):
-    """(mu, sigma, weights_id) from a statistics .npz; weights_id None if it records none."""
+    """(mu, sigma) from a statistics .npz (fid.py's or pytorch-fid's)."""
     try:
         with np.load(path) as f:
-            known = {"inception", "weights"} <= set(f.files)
-            return f["mu"], f["sigma"], f"{f['inception']}-{f['weights']}" if known else None
-    except (OSError, ValueError, KeyError, zipfile.BadZipFile) as e:
+            return f["mu"], f["sigma"]
+    except (OSError, ValueError, KeyError, TypeError, EOFError, zipfile.BadZipFile) as e:
         raise DataError(f"cannot read statistics (mu, sigma) from {path}: {e}") from None
 
 
-def cached_stats(path, compute, weights_id):
-    """(mu, sigma) from `path` if it exists (made by `weights_id`), else compute() and save."""
+def cached_stats(path, compute):
+    """(mu, sigma) from `path` if it exists, else from compute(), then saved there."""
     if os.path.exists(path):
-        mu, sigma, stored = load_stats(path)
-        same_network(stored, weights_id, path, "this network")
-        return mu, sigma
+        return load_stats(path)
     mu, sigma = compute()
-    save_stats(path, mu, sigma, weights_id)
+    save_stats(path, mu, sigma)
     return mu, sigma
 
 
 def input_stats(path, get_model, batch_size):
-    """(mu, sigma, weights_id) of a statistics .npz, or of a folder of images by get_model()."""
+    """(mu, sigma) of a statistics .npz, or of a folder of images through get_model()."""
     if path.endswith(".npz") and os.path.isfile(path):
         return load_stats(path)
     paths = list_images(path) if os.path.isdir(path) else []
@@ -380,26 +261,14 @@ def input_stats(path, get_model, batch_size):
             except (OSError, ValueError) as e:
                 raise DataError(f"cannot read the images from {paths[i]} on: {e}") from None
             yield batch
-    model = get_model()
-    return *feature_stats(model, batches(), desc=path, total=len(paths)), model.weights_id
-
-
-def bench(variant, batch_size, img_size, device):
-    """Print the network's images/second on a random batch (random weights)."""
-    model = InceptionV3(variant).to(device, memory_format=torch.channels_last).eval()
-    x = torch.rand(batch_size, 3, img_size, img_size, device=device)
-    with torch.no_grad(), exact_fp32():
-        seconds = [seconds_per_call(lambda: model(x), n, device) for n in (1, 5)]  # warm-up, timed
-    print(f"{describe(device)}: inception ({variant}, fp32, random weights) "
-          f"{batch_size / seconds[1]:.1f} images/s (batch {batch_size}, {img_size}x{img_size} "
-          "resized to 299x299, 1 warm-up + 5 timed batches)")
+    return feature_stats(get_model(), batches(), desc=path, total=len(paths))
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     a = p.add_argument
-    a("a", nargs="?", help="a folder of images or a statistics .npz (mu, sigma)")
+    a("a", help="a folder of images or a statistics .npz (mu, sigma)")
     a("b", nargs="?", help="the same, for the other side (optional with --save-stats)")
     a("--save-stats", metavar="OUT.npz", help="save the statistics (mu, sigma) of A")
     a("--inception", choices=list(URLS), default="torchvision",
@@ -408,23 +277,17 @@ def main(argv=None):
     a("--inception-weights", metavar="PATH", help="a local weights file instead of the download")
     a("--batch-size", type=int, default=200, help="images per Inception forward pass")
     a("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
-    a("--bench", action="store_true", help="print the Inception images/second, then exit")
-    a("--img-size", type=int, default=32, help="side of the random --bench images")
     args = p.parse_args(argv)
-    if not args.bench and (args.a is None or (args.b is None and not args.save_stats)):
-        p.error("give two inputs A B, or one input and --save-stats OUT.npz (or --bench)")
+    if args.b is None and not args.save_stats:
+        p.error("give two inputs A B, or one input and --save-stats OUT.npz")
     get_model = functools.cache(lambda: load_inception(args.inception, args.inception_weights,
                                                        args.device))
     try:
-        if args.bench:
-            bench(args.inception, args.batch_size, args.img_size, args.device)
-            return 0
-        mu1, sigma1, id1 = input_stats(args.a, get_model, args.batch_size)
+        mu1, sigma1 = input_stats(args.a, get_model, args.batch_size)
         if args.save_stats:
-            save_stats(args.save_stats, mu1, sigma1, id1)
+            save_stats(args.save_stats, mu1, sigma1)
         if args.b is not None:
-            mu2, sigma2, id2 = input_stats(args.b, get_model, args.batch_size)
-            same_network(id1, id2, args.a, args.b)
+            mu2, sigma2 = input_stats(args.b, get_model, args.batch_size)
             print(f"{frechet_distance(mu1, sigma1, mu2, sigma2):.6f}")
     except DataError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -16,7 +16,6 @@ import os
 import pathlib
 import pickle
 import re
-import shutil
 import tarfile
 import types
 import urllib.error
@@ -1573,19 +1572,23 @@ def test_frechet_distance_of_rank_deficient_inception_like_statistics():
                                                      abs=2 * root_tol(2048, largest))
 
 
-def test_round_off_below_zero_is_clipped():
+@pytest.mark.parametrize("side", [1, 2])
+def test_round_off_below_zero_is_clipped(side):
     """An eigenvalue -1e-9 of the largest (float32-stored statistics reach ~1e-9) is round-off:
-    its root counts as 0. By hand: tr s1 = 4 - 1e-9, tr s2 = 2, tr sqrtm(s1 s2) = sqrt(4) + 0."""
-    got = fid.frechet_distance(np.zeros(2), np.diag([4.0, -4e-9]), np.zeros(2), np.eye(2))
+    its root counts as 0, in either covariance. By hand: the traces are 4 - 4e-9 and 2, and
+    tr sqrtm(s1 s2) = sqrt(4) + 0."""
+    sigmas = [np.diag([4.0, -4e-9]), np.eye(2)][::1 if side == 1 else -1]
+    got = fid.frechet_distance(np.zeros(2), sigmas[0], np.zeros(2), sigmas[1])
     assert got == pytest.approx(4 - 4e-9 + 2 - 2 * 2, rel=0, abs=2 * root_tol(2, 4.0))
 
 
 @pytest.mark.parametrize("stats, message", [
     ((np.full(4, np.nan), np.eye(4), np.zeros(4), np.eye(4)), "NaN"),
-    ((np.zeros(4), -np.eye(4), np.zeros(4), np.eye(4)), "sigma1 has the eigenvalue -1 .*no cov"),
-    ((np.zeros(2), np.eye(2), np.zeros(2), np.diag([1, -1e-3])), "sigma2 has the eigenvalue -0.0"),
-    ((np.zeros(2), np.eye(2), np.zeros(2), np.array([[1, 0.5], [0, 1]])), "sigma2 is not symm"),
-    ((np.zeros(4), np.eye(4), np.zeros(3), np.eye(3)), "do not match"),
+    ((np.zeros(2), np.eye(2), np.zeros(2), np.diag([1, np.inf])), "infinite"),
+    ((np.zeros(4), np.eye(4), np.zeros(3), np.eye(3)), r"do not match: mu \(4,\) and \(3,\)"),
+    ((np.zeros(3), np.eye(3), np.zeros(4), np.eye(3)), r"mu \(3,\) and \(4,\), sigma \(3, 3\)"),
+    ((np.zeros(3), np.eye(3), np.zeros(3), np.eye(4)), r"sigma \(3, 3\) and \(4, 4\)"),
+    ((np.zeros(3), np.eye(3)[:2], np.zeros(3), np.eye(3)[:2]), r"sigma \(2, 3\) and \(2, 3\)"),
 ])
 def test_frechet_distance_refuses_bad_statistics(stats, message):
     with pytest.raises(DataError, match=message):
@@ -1663,8 +1666,8 @@ def test_features_match_torchvision_and_pytorch_fid(weights, variant):
     at 2^-24 each: ~sqrt(K) 2^-24 ~ 4e-6 relative per layer, over ~20 layers on the longest path
     ~1e-4 of the feature scale at worst; we allow 1e-4 x rms(features). Measured here (torch 2.13
     CPU, 1 and 2 threads; our net folds batch norm and runs channels-last): at most 3.5e-6 x rms.
-    One-line changes fail it by far more: input in [0, 1] instead of [-1, 1], a TF pool patch
-    removed or swapped, align_corners=True or another resize mode."""
+    One-line changes fail it by far more: input in [0, 1] instead of [-1, 1], a resize to 298,
+    align_corners=True, any of the four TF pools reverted to torchvision's."""
     assert META["seed"] == 20200 and META["image_seed"] == 7
     net = meta_inception(variant).to_empty(device="cpu")
     fid.load_weights(net, {k: v for k, v in weights[1].items() if not k.startswith(fid.IGNORED)},
@@ -1681,12 +1684,11 @@ def test_features_match_torchvision_and_pytorch_fid(weights, variant):
     assert np.all(np.abs(got.sum(1) - REFERENCE[f"{variant}_sum"]) <= tol * 2048)
 
 
-def test_state_dict_matches_torchvision_manifest():
+@pytest.mark.parametrize("variant", ["torchvision", "tf"])
+def test_state_dict_matches_torchvision_manifest(variant):
     want = {k: s for k, s in MANIFEST.items() if not k.startswith(("AuxLogits.", "fc."))}
     assert len(want) == len(MANIFEST) - 16
-    for variant in ("torchvision", "tf"):
-        got = {k: list(v.shape) for k, v in meta_inception(variant).state_dict().items()}
-        assert got == want
+    assert {k: list(v.shape) for k, v in meta_inception(variant).state_dict().items()} == want
 
 
 @pytest.mark.parametrize("variant,classes", [("torchvision", 1000), ("tf", 1008)])
@@ -1694,37 +1696,85 @@ def test_weights_file_with_classifier_heads_loads(weights, tmp_path, variant, cl
     state = {**weights[1], "fc.weight": torch.zeros(classes, 2048),
              "fc.bias": torch.zeros(classes)}
     torch.save(state, tmp_path / "w.pth")
-    loaded = fid.load_inception(variant, weights_path=tmp_path / "w.pth", device="cpu").state_dict()
+    net = fid.load_inception(variant, weights_path=tmp_path / "w.pth", device="cpu")
+    assert net.variant == variant and not net.training
+    loaded = net.state_dict()
     assert all(torch.equal(loaded[k], state[k]) for k in loaded if not k.endswith("_tracked"))
     assert all(loaded[k].item() == 0 for k in loaded if k.endswith("_tracked"))
     other = "tf" if variant == "torchvision" else "torchvision"  # the file under the wrong flag
-    with pytest.raises(DataError, match=f"fc has {classes} classes"):
+    with pytest.raises(DataError, match=f"fc has {classes} classes, not {2008 - classes}"):
         fid.load_inception(other, weights_path=tmp_path / "w.pth", device="cpu")
 
 
-@pytest.mark.parametrize("damage", ["missing", "wrong shape"])
-def test_weights_file_refused(weights, tmp_path, damage):
+KEY = "Mixed_6b.branch7x7_2.conv.weight"
+
+
+@pytest.mark.parametrize("damage, expect", [  # load_state_dict's own diagnosis, on one line
+    (lambda s: s.pop(KEY), f'Missing key(s) in state_dict: "{KEY}"'),
+    (lambda s: s.update({"Mixed_6b.extra.weight": torch.zeros(1)}),
+     'Unexpected key(s) in state_dict: "Mixed_6b.extra.weight"'),
+    (lambda s: s.update({KEY: torch.zeros(128, 128, 7, 1)}),
+     f"size mismatch for {KEY}: copying a param with shape torch.Size([128, 128, 7, 1]) from "
+     "checkpoint, the shape in current model is torch.Size([128, 128, 1, 7])"),
+], ids=["missing", "stray", "wrong shape"])
+def test_weights_file_refused(weights, tmp_path, damage, expect):
     state = dict(weights[1])
-    key = "Mixed_6b.branch7x7_2.conv.weight"
-    if damage == "missing":
-        del state[key]
-        expect = re.escape(f'Missing key(s) in state_dict: "{key}"')
-    else:
-        state[key] = torch.zeros(128, 128, 7, 1)
-        expect = re.escape(f"size mismatch for {key}: copying a param with shape torch.Size([128, "
-                           "128, 7, 1]) from checkpoint, the shape in current model is "
-                           "torch.Size([128, 128, 1, 7])")
+    damage(state)
     torch.save(state, tmp_path / "w.pth")
-    with pytest.raises(DataError, match=expect + ".*" + re.escape(fid.URLS["torchvision"])):
+    with pytest.raises(DataError) as e:
         fid.load_inception("torchvision", weights_path=tmp_path / "w.pth", device="cpu")
+    assert expect in str(e.value) and fid.URLS["torchvision"] in str(e.value)
+    assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("write, reason", [
+    (lambda p: p.write_bytes(b"not a checkpoint"), "not weights"),
+    (lambda p: p.write_bytes(b""), "not weights"),
+    (lambda p: p.write_bytes(b"U"), "index out of range"),
+    (lambda p: p.write_bytes(b"X"), "unpack requires a buffer of 4 bytes"),
+    (lambda p: torch.save(nn.Linear(2, 2), p), "not weights"),  # code, not just tensors
+    (lambda p: None, "[Errno 2] No such file"),
+], ids=["text", "empty", "IndexError", "struct.error", "pickled module", "missing"])
+def test_not_a_weights_file_is_refused_in_one_line(tmp_path, write, reason):
+    """torch.load's own message for a file of other objects advises "weights_only=False", which
+    would run the file's code: never passed on. Junk makes it raise anything (the one-byte files
+    an IndexError and a struct.error)."""
+    path = tmp_path / "w.pth"
+    write(path)
+    with pytest.raises(DataError) as e:
+        fid.load_inception("tf", weights_path=path, device="cpu")
+    message = str(e.value)
+    assert message.startswith(f"cannot load {path} ({reason}") and fid.URLS["tf"] in message
+    assert "\n" not in message and "weights_only" not in message
+
+
+@pytest.mark.parametrize("variant, url, classes", [
+    ("torchvision", "https://download.pytorch.org/models/inception_v3_google-0cc3c7bd.pth", 1000),
+    ("tf", "https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
+           "pt_inception-2015-12-05-6726825d.pth", 1008),
+])
+def test_download_is_the_published_file_hash_checked_and_weights_only(weights, monkeypatch,
+                                                                      variant, url, classes):
+    """The URLs torchvision and pytorch-fid publish; the name's 8 hex digits are the SHA-256
+    prefix that check_hash verifies, and weights_only keeps a tampered file from running code."""
+    calls = []
+
+    def hub(*args, **kwargs):
+        calls.append((args, kwargs))
+        return {**weights[1], "fc.weight": torch.zeros(classes, 2048)}
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", hub)
+    assert fid.load_inception(variant, device="cpu").variant == variant
+    assert calls == [((url,), dict(map_location="cpu", check_hash=True, weights_only=True))]
 
 
 def test_no_network_and_no_path_names_url_and_option(monkeypatch):
     def offline(*args, **kwargs):
         raise urllib.error.URLError("no network")
     monkeypatch.setattr(torch.hub, "load_state_dict_from_url", offline)
-    with pytest.raises(DataError, match=re.escape(fid.URLS["tf"]) + ".*--inception-weights"):
+    with pytest.raises(DataError) as e:
         fid.load_inception("tf")
+    assert re.fullmatch(f".*no network.*{re.escape(fid.URLS['tf'])}.* --inception-weights PATH",
+                        str(e.value))
 
 
 @pytest.mark.parametrize("pool, expected", [  # corner of a 3x3 pool over a 2x2 image, by hand
@@ -1737,11 +1787,19 @@ def test_pool_branches(pool, expected):
     assert out == pytest.approx(expected)
 
 
-def test_tf_variant_uses_the_four_patched_pools():
-    m = meta_inception("tf")
-    pools = [m.Mixed_5b.pool, m.Mixed_5d.pool, m.Mixed_6b.pool, m.Mixed_6e.pool, m.Mixed_7b.pool,
-             m.Mixed_7c.pool]
-    assert pools == [fid.tf_avg_pool] * 5 + [fid.tf_max_pool]
+@pytest.mark.parametrize("variant", ["torchvision", "tf"])
+def test_each_block_pools_as_its_variant(variant):
+    """The pools in each Mixed block's branches: the four TF patches, and the grid reductions'
+    stride-2 max pool (Mixed_6a, Mixed_7a) in both."""
+    tv = variant == "torchvision"
+    patched = fid.avg_pool if tv else fid.tf_avg_pool
+    want = {**{f"Mixed_{b}": [patched] for b in ("5b", "5c", "5d", "6b", "6c", "6d", "6e", "7b")},
+            "Mixed_6a": [fid.max_pool], "Mixed_7a": [fid.max_pool],
+            "Mixed_7c": [fid.avg_pool if tv else fid.tf_max_pool]}
+    got = {name: [f for branch in block.branches for f in branch
+                  if not isinstance(f, (fid.Conv, list))]
+           for name, block in meta_inception(variant).named_children() if name.startswith("Mix")}
+    assert got == want
 
 
 # ---------------------------------------------------------------- features and statistics
@@ -1751,13 +1809,17 @@ def images(n, size=8, seed=0):
 
 
 class Pixels(nn.Module):
-    """Stand-in for the network: its features are the first 6 input values (+ offset), float32."""
+    """Stand-in for the network: its features are the first 6 input values (+ offset), float32;
+    it records its batch sizes and the TF32 settings it runs under."""
 
     def __init__(self, offset=0.0):
         super().__init__()
         self.offset = nn.Parameter(torch.tensor(offset))  # also tells feature_stats the device
+        self.batches, self.tf32 = [], set()
 
     def forward(self, x):
+        self.batches.append(len(x))
+        self.tf32.add((torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32))
         return x.flatten(1)[:, :6] + self.offset
 
 
@@ -1780,21 +1842,30 @@ def test_statistics_are_float64_mean_over_images_and_covariance_over_n_minus_1()
 
 
 def test_progress_counts_images_with_the_total(capsys):
-    x = images(5, size=4)
+    x = images(7, size=4)
     direct = fid.feature_stats(Pixels(), x, batch_size=2, desc="FID real")
-    err = capsys.readouterr().err
-    assert "FID real 5/5 images" in err
-    assert "5 images < 6 features, so the covariance is singular" in err  # the N < 2048 warning
-    streamed = fid.feature_stats(Pixels(), (x[i:i + 2] for i in range(0, 5, 2)), desc="gen",
-                                 total=5)
-    assert "gen 5/5 images" in capsys.readouterr().err
+    assert "FID real 7/7 images" in capsys.readouterr().err
+    streamed = fid.feature_stats(Pixels(), (x[i:i + 2] for i in range(0, 7, 2)), desc="gen",
+                                 total=7)
+    assert "gen 7/7 images" in capsys.readouterr().err
     assert all(np.array_equal(a, b) for a, b in zip(direct, streamed))  # a generator is accepted
 
 
+@pytest.mark.parametrize("n", [5, 6])  # Pixels has 6 features; the network 2048
+def test_warning_below_as_many_images_as_features(capsys, n):
+    fid.feature_stats(Pixels(), images(n, size=4), desc="FID real")
+    warned = re.findall("^warning: .*", capsys.readouterr().err, re.M)
+    assert warned == (["warning: FID real: 5 images < 6 features, so the covariance is singular "
+                       "and the FID biased up: compare only at equal N (the paper's 10,000)"]
+                      if n == 5 else [])
+
+
 @pytest.mark.parametrize("bad, message", [
-    (images(1), "at least 2"),
+    (images(1), "1 image.*at least 2"),
+    ([], "0 image.*at least 2"),
     (images(2).astype(np.float32), "uint8"),
     (images(2)[..., 0], "uint8"),
+    (np.zeros((2, 8, 8, 4), np.uint8), r"uint8 images \(N, H, W, 3\), not uint8 \(2, 8, 8, 4\)"),
 ])
 def test_feature_stats_refuses_bad_input(bad, message):
     with pytest.raises(DataError, match=message):
@@ -1802,15 +1873,17 @@ def test_feature_stats_refuses_bad_input(bad, message):
 
 
 @pytest.mark.parametrize("before", [True, False])
-def test_exact_fp32_turns_tf32_off_and_restores(before):
+def test_features_are_computed_without_tf32_and_the_settings_restored(before):
     flags = torch.backends.cudnn, torch.backends.cuda.matmul
     saved = [f.allow_tf32 for f in flags]
     try:
         for f in flags:
             f.allow_tf32 = before
-        with fid.exact_fp32():
-            assert [f.allow_tf32 for f in flags] == [False, False]
-        assert [f.allow_tf32 for f in flags] == [before, before]
+        net = Pixels()
+        fid.feature_stats(net, images(3))
+        with pytest.raises(DataError):  # restored after an error too
+            fid.feature_stats(net, [images(2), images(2).astype(np.float32)])
+        assert net.tf32 == {(False, False)} and [f.allow_tf32 for f in flags] == [before] * 2
     finally:
         for f, value in zip(flags, saved):
             f.allow_tf32 = value
@@ -1818,10 +1891,7 @@ def test_exact_fp32_turns_tf32_off_and_restores(before):
 
 # ---------------------------------------------------------------- statistics files and the cache
 
-ID_A, ID_B = "tf-0123456789abcdef", "tf-fedcba9876543210"
-
-
-def test_stats_cache_hit_miss_and_record(tmp_path):
+def test_stats_cache_miss_computes_and_saves_then_hit_reads(tmp_path):
     calls = []
 
     def compute():
@@ -1829,40 +1899,58 @@ def test_stats_cache_hit_miss_and_record(tmp_path):
         return np.arange(3.0), np.eye(3)
 
     path = tmp_path / "stats.npz"
-    first = fid.cached_stats(path, compute, ID_A)  # miss: computed and saved
-    second = fid.cached_stats(path, compute, ID_A)  # hit: read back
-    assert len(calls) == 1 and all(np.array_equal(a, b) for a, b in zip(first, second))
-    with np.load(path) as f:  # the record of the network, beside mu and sigma
-        assert (str(f["inception"]), str(f["weights"])) == ("tf", "0123456789abcdef")
+    first = fid.cached_stats(path, compute)  # miss: computed and saved
+    with np.load(path) as f:  # mu and sigma only
+        assert sorted(f.files) == ["mu", "sigma"]
         assert np.array_equal(f["mu"], np.arange(3.0)) and np.array_equal(f["sigma"], np.eye(3))
-    with pytest.raises(DataError, match=f"from Inception {ID_A} but this network from {ID_B}"):
-        fid.cached_stats(path, compute, ID_B)  # a stale file under this name: refused
-    assert len(calls) == 1
+    second = fid.cached_stats(path, compute)  # hit: read back
+    assert len(calls) == 1 and all(np.array_equal(a, b) for a, b in zip(first, second))
+    assert files_under(tmp_path) == ["stats.npz"]
 
 
-def expected_id(variant, state):
-    """fid.network_id by hand: SHA-256 over (name, float32 bytes) of the feature weights in sorted
-    name order, first 16 hex digits."""
-    h = hashlib.sha256()
-    for k in sorted(k for k in state if not k.startswith(fid.IGNORED)):
-        h.update(k.encode() + state[k].numpy().astype(np.float32).tobytes())
-    return f"{variant}-{h.hexdigest()[:16]}"
+def test_interrupted_save_leaves_no_statistics(tmp_path):
+    """np.savez fails at sigma after writing mu: no half-written file under the name, which the
+    next run's cached_stats would otherwise load as the statistics."""
+    class Unwritable:
+        def __array__(self, *args, **kwargs):
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        fid.save_stats(tmp_path / "stats.npz", np.zeros(3), Unwritable())
+    assert files_under(tmp_path) == []
 
 
-def test_new_weights_under_the_same_file_name_get_new_statistics(weights, tmp_path):
-    path, ids, calls = tmp_path / "inception.pth", [], []
-    shutil.copy(weights[0], path)
-    for new in (False, True):
-        if new:  # other weights, saved under the same file name
-            key = "Mixed_7c.branch_pool.bn.bias"
-            torch.save({**weights[1], key: weights[1][key] + 1e-3}, path)
-        net = fid.load_inception("torchvision", path, "cpu")
-        state = torch.load(path, weights_only=True)
-        assert net.weights_id == expected_id("torchvision", state)
-        ids.append(net.weights_id)
-        fid.cached_stats(tmp_path / f"stats_{net.weights_id}.npz",
-                         lambda: calls.append(1) or (np.zeros(2), np.eye(2)), net.weights_id)
-    assert ids[0] != ids[1] and len(calls) == 2  # a miss for the new weights, not stale stats
+def npz_without_sigma(p):
+    np.savez(p / "mu.npz", mu=np.zeros(2))
+    return str(p / "mu.npz")
+
+
+def junk_npz(p):
+    (p / "junk.npz").write_bytes(b"junk")
+    return str(p / "junk.npz")
+
+
+def empty_npz(p):
+    (p / "empty.npz").write_bytes(b"")
+    return str(p / "empty.npz")
+
+
+def array_named_npz(p):  # np.save's format, not np.savez's
+    with open(p / "array.npz", "wb") as f:
+        np.save(f, np.zeros(2))
+    return str(p / "array.npz")
+
+
+@pytest.mark.parametrize("setup, message", [
+    (junk_npz, "junk.npz: .*pickle"),
+    (npz_without_sigma, "mu.npz: .*sigma"),
+    (empty_npz, "empty.npz: No data left in file"),
+    (array_named_npz, "array.npz: .*ndarray"),
+], ids=["junk", "no sigma", "empty", "npy format"])
+def test_load_stats_refuses_a_bad_file_in_one_line(tmp_path, setup, message):
+    with pytest.raises(DataError, match=f"^cannot read statistics .* from .*{message}") as e:
+        fid.load_stats(setup(tmp_path))
+    assert "\n" not in str(e.value)
 
 
 # ---------------------------------------------------------------- command line
@@ -1880,7 +1968,6 @@ def test_cli_matches_direct_statistics(model, weights, tmp_path, monkeypatch, ca
     common = ["--inception-weights", str(weights[0]), "--device", "cpu", "--batch-size", "2"]
     stats_a = str(tmp_path / "a_stats.npz")
     assert fid.main([folder_a, "--save-stats", stats_a, *common]) == 0
-    assert fid.load_stats(stats_a)[2] == model.weights_id
     recorded = []  # what the command line computes with (the distance itself is tested above)
     monkeypatch.setattr(fid, "frechet_distance", lambda *stats: recorded.append(stats) or 12.5)
     capsys.readouterr()
@@ -1892,33 +1979,38 @@ def test_cli_matches_direct_statistics(model, weights, tmp_path, monkeypatch, ca
     assert out == "12.500000\n" and f"{folder} 3/3 images" in err
 
 
-def test_cli_refuses_statistics_of_different_networks(weights, model, tmp_path, capsys):
-    a, b, old = (str(tmp_path / f"{n}.npz") for n in ("a", "b", "old"))
-    fid.save_stats(a, np.zeros(2), np.eye(2), ID_A)
-    fid.save_stats(b, np.zeros(2), np.eye(2), ID_B)
-    assert fid.main([a, b]) == 1
-    assert re.search(f"^error: {a} comes from Inception {ID_A} but {b} from {ID_B}: .*Recompute",
-                     capsys.readouterr().err, re.M)
-    x = write_folder(tmp_path / "x", images(3))  # images through another network than a's
-    assert fid.main([a, x, "--inception-weights", str(weights[0]), "--device", "cpu"]) == 1
-    assert f"but {x} from {model.weights_id}" in capsys.readouterr().err
-    # statistics without a record (pytorch-fid's): accepted with a warning. By hand:
-    # |(1, 0)|^2 + (4 + 1) + 2 - 2 (sqrt(4) + sqrt(1)) = 2
-    np.savez(old, mu=np.array([1.0, 0.0]), sigma=np.diag([4.0, 1.0]))
-    assert fid.main([old, a]) == 0
-    out, err = capsys.readouterr()
-    assert out == "2.000000\n" and f"warning: {old} does not record which Inception" in err
+def test_cli_prints_the_fid_of_two_statistics_files(tmp_path, capsys):
+    """Statistics files as pytorch-fid writes them (mu, sigma): no network is loaded. By hand:
+    |(1, 0)|^2 + (4 + 1) + 2 - 2 (sqrt(4 * 1) + sqrt(1 * 1)) = 2."""
+    np.savez(tmp_path / "a.npz", mu=np.array([1.0, 0.0]), sigma=np.diag([4.0, 1.0]))
+    np.savez(tmp_path / "b.npz", mu=np.zeros(2), sigma=np.eye(2))
+    assert fid.main([str(tmp_path / "a.npz"), str(tmp_path / "b.npz")]) == 0
+    assert capsys.readouterr() == ("2.000000\n", "")
+
+
+def test_cli_passes_its_network_options_on(tmp_path, monkeypatch):
+    """--inception, --inception-weights and --device reach load_inception, --batch-size the
+    reads; the saved statistics are the stand-in network's features, by hand."""
+    x = images(5, size=4, seed=4)
+    folder, out, loads, net = write_folder(tmp_path / "x", x), tmp_path / "x.npz", [], Pixels()
+    monkeypatch.setattr(fid, "load_inception", lambda *args: loads.append(args) or net)
+    assert fid.main([folder, "--save-stats", str(out), "--inception", "tf", "--inception-weights",
+                     "w.pth", "--device", "cpu", "--batch-size", "2"]) == 0
+    assert loads == [("tf", "w.pth", "cpu")] and net.batches == [2, 2, 1]
+    f = pixel_features(x.transpose(0, 3, 1, 2))
+    c = f - f.mean(0)
+    mu, sigma = fid.load_stats(out)
+    assert mu == pytest.approx(f.mean(0), rel=0, abs=1e-12)
+    assert sigma == pytest.approx(c.T @ c / 4, rel=0, abs=1e-12)
+    assert fid.main([folder, "--save-stats", str(out)]) == 0
+    assert loads[1] == ("torchvision", None, "cuda" if torch.cuda.is_available() else "cpu")
+    assert net.batches[3:] == [5]  # --batch-size 200 by default
 
 
 def unreadable_image(p):
     folder = write_folder(p / "images", images(2))
     (p / "images" / "03.png").write_bytes(b"not a png")
     return folder
-
-
-def junk_npz(p):
-    (p / "junk.npz").write_bytes(b"junk")
-    return str(p / "junk.npz")
 
 
 def image_array(p):  # uint8 image arrays are no input (save them as image files)
@@ -1938,31 +2030,36 @@ def mixed_sizes(p):
     (unreadable_image, "cannot read the images from .*00.png on: .*03.png"),
     (mixed_sizes, "cannot read the images from .*00.png on: .*same shape"),
     (junk_npz, "cannot read statistics .*junk.npz"),
+    (npz_without_sigma, "cannot read statistics .*mu.npz"),
     (image_array, "x.npy: neither a statistics .npz"),
     (lambda p: str(p / "missing.npz"), "missing.npz: neither"),
-])
+], ids=["one image", "empty folder", "unreadable image", "mixed sizes", "junk npz",
+        "npz without sigma", "npy", "missing npz"])
 def test_cli_errors(weights, tmp_path, capsys, setup, message):
     source = setup(tmp_path)
     code = fid.main([source, "--save-stats", str(tmp_path / "s.npz"), "--inception-weights",
                      str(weights[0]), "--device", "cpu"])
-    assert code == 1 and re.search(f"^error: .*{message}", capsys.readouterr().err, re.M)
+    err = capsys.readouterr().err
+    assert code == 1 and re.search(f"^error: .*{message}", err, re.M)
+    assert not os.path.exists(tmp_path / "s.npz")
 
 
-def test_bench_rate_is_images_over_seconds_per_batch(monkeypatch, capsys):
-    """The timing itself is data.seconds_per_call's (its own tests); here: 2 images per 0.25 s
-    batch must print 8.0 images/s, after 1 warm-up and 5 timed calls."""
-    calls = []
+def test_cli_needs_two_inputs_or_save_stats_and_documents_every_argument(monkeypatch, capsys):
+    with pytest.raises(SystemExit) as e:
+        fid.main(["a.npz"])
+    assert e.value.code == 2 and "--save-stats OUT.npz" in capsys.readouterr().err
+    parsers = []
 
-    def quarter_second(fn, n, device):
-        fn()
-        calls.append(n)
-        return 0.25
-
-    monkeypatch.setattr(fid, "seconds_per_call", quarter_second)
-    assert fid.main(["--bench", "--batch-size", "2", "--img-size", "8", "--device", "cpu"]) == 0
-    out = capsys.readouterr().out
-    assert out.startswith("cpu (") and calls == [1, 5]
-    assert "8.0 images/s (batch 2, 8x8 resized to 299x299, 1 warm-up + 5 timed batches)" in out
+    def capture(parser, argv=None):
+        parsers.append(parser)
+        raise SystemExit(0)
+    monkeypatch.setattr(argparse.ArgumentParser, "parse_args", capture)
+    with pytest.raises(SystemExit):
+        fid.main([])
+    options = [a for a in parsers[0]._actions if a.dest != "help"]
+    assert {a.dest for a in options} == {"a", "b", "save_stats", "inception", "inception_weights",
+                                          "batch_size", "device"}
+    assert all(a.help and len(a.help.split()) >= 2 for a in options)
 
 
 # =============================================================================================
