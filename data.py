@@ -1,6 +1,7 @@
 """Data for the two-stage VAE (Asperti & Trentin 2020): CIFAR-10 (paper section 4.1), CelebA
 (section 4.2) or any image folder, each split decoded once, on all cores, into a memory-mapped
-uint8 (N, H, W, 3) .npy cache, then served as batches on a device. The caches (J: _jpeg<Q> or ""):
+uint8 (N, H, W, 3) .npy cache, then served as batches on a device (and stage 2's, the frozen
+stage-1 encoder's latents; Dai & Wipf). The caches (J: _jpeg<Q> or ""):
 <data-dir>/cifar10_{split}{J}.npy, <data-dir>/celeba/{split}_{size}_{resize}{J}.npy, and a
 folder's as CelebA's in $XDG_CACHE_HOME (default ~/.cache)/balancing-vae/folder-<key>/.
 
@@ -241,8 +242,8 @@ class Batches:
 
 
 def to_uint8(x):
-    """Float images (N, 3, H, W) in [0, 1] -> uint8 (N, H, W, 3) on the host, rounded as the
-    real images' files are quantised (truncation would darken every pixel by half a level)."""
+    """Batches' inverse: float (N, 3, H, W) in [0, 1] -> uint8 (N, H, W, 3) on the host, rounded
+    as the real images' files are quantised (truncation would darken every pixel half a level)."""
     return (x.float() * 255).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
 
 
@@ -250,8 +251,7 @@ def latent_batches(m1, images, batch_size, seed, device):
     """Stage-2 data (Dai & Wipf): the training set encoded once by the frozen stage-1 encoder;
     epoch e's minibatches of a fresh z = mu + sigma * eps, shuffled, drawn from (seed, e)."""
     if len(images) < batch_size:
-        raise DataError(f"{len(images)} images do not make one batch of {batch_size}: lower "
-                        "--batch-size")
+        raise DataError(f"{len(images)} images do not make one batch of {batch_size}")
     with torch.no_grad():
         mu, logsd = map(torch.cat, zip(*map(m1.encode, Batches(
             images, 500, device, shuffle=False, drop_last=False).epoch(0))))

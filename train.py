@@ -41,10 +41,29 @@ from data import DataError
 # the halving every 60 / 120 and the 140 stage-2 epochs come from the released code's comments.
 PAPER = {"cifar10": dict(epochs=(700, 1400), lr=(1e-4, 1e-4), halve_every=(200, 100)),
          "celeba": dict(epochs=(70, 140), lr=(5e-5, 5e-5), halve_every=(60, 120))}
-DATA = ("dataset", "img_size", "resize", "jpeg", "limit", "seed")
+# The settings a flag may give: choices or type, and a help naming the paper's value. A flag
+# left out is None, so it never contradicts a checkpoint.
+DATA = dict(  # the data's settings: with each split's image count, its identity
+    dataset=(data.DATASETS, "cifar10 (default), celeba, folder (any images)"),
+    img_size=(int, "image side: 32 (cifar10), 64 (celeba), a folder's own"),
+    resize=(tuple(data.RESIZE_MODES), "PIL filter, Fig. 3 (default bilinear)"),
+    jpeg=(int, "JPEG round trip at quality Q, as the reference (75); default lossless"),
+    limit=(int, "train on N training images drawn at random from --seed"),
+    seed=(int, "random seed (0)"))
+NETWORK = dict(  # Fig. 1
+    latent_dim=(int, "latent variables (paper 4.1: 64)"),
+    base_dim=(int, "channels of the first scale (32)"),
+    fc_dim=(int, "width of the encoder's fc scale block (512)"),
+    num_scale=(int, "encoder scales: log2(side) - 2"),
+    second_dim=(int, "stage-2 width: 2048 for sides <= 32, else 4096"))
+FLAGS = DATA | NETWORK | dict(  # and the training (4.1, 4.2)
+    gamma=(tuple(vae.GAMMAS), "computed (the paper) or learned (Dai & Wipf)"),
+    lr=(float, "initial Adam learning rate: 1e-4 (cifar10), 5e-5 (celeba)"),
+    halve_every=(int, "halve the lr every N epochs: 200/100, 60/120 (celeba)"),
+    batch_size=(int, "minibatch size (paper 4: 100)"),
+    kl_weight=(float, "KL weight k: pixels/1024 in stage 1 (4.2), 1 in stage 2"),
+    l2=(float, "weight on the resampling kernels: 0, 0.001 for celeba (4.2)"))
 ARCH1 = ("latent_dim", "base_dim", "fc_dim", "num_scale", "block_per_scale", "depth_per_block")
-FLAGS = DATA + ARCH1[:4] + ("second_dim", "gamma", "lr", "halve_every", "batch_size",
-                            "kl_weight", "l2")  # the settings a flag may give
 
 
 def paper_defaults(dataset, side, stage):
@@ -178,7 +197,7 @@ def configure(args):
     own = cks.get(stage)  # a resume's or --eval's: every setting; a new stage 2: stage 1's data
     src, flags = ckpt(out, stage if own else 1), given(args)
     fixed = own["config"] if own else {k: cks[1]["config"][k] for k in
-                                       DATA + ARCH1 + ("images", "data_dir")} if cks else {}
+                                       (*DATA, *ARCH1, "images", "data_dir")} if cks else {}
     for k, v in flags.items():
         if k in fixed and fixed[k] != v:
             raise DataError(f"{words(k, v)} contradicts {src}, made with {words(k, fixed[k])}: "
@@ -389,30 +408,16 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(usage="python train.py [flags]; --help lists them", description=
                                 "Two-stage VAE with computed gamma (Asperti & Trentin 2020).")
     a = p.add_argument
-    a("--dataset", choices=data.DATASETS, help="cifar10 (default), celeba, folder (any images)")
+    for k, (kind, text) in FLAGS.items():
+        a("--" + k.replace("_", "-"), help=text, **{"choices" if isinstance(kind, tuple)
+                                                    else "type": kind})
     a("--data-dir", help="data and its caches (default data); for folder, the image tree")
-    a("--img-size", type=int, help="image side: 32 (cifar10), 64 (celeba), a folder's own")
-    a("--resize", choices=data.RESIZE_MODES, help="PIL filter, Fig. 3 (default bilinear)")
-    a("--jpeg", type=int, metavar="Q", help="JPEG round trip at quality Q, as the reference (75)")
     a("--stage", type=int, default=1, choices=(1, 2), help="1: image VAE; 2: VAE on latents")
     a("--eval", action="store_true", help="evaluate stage1.pt (and stage2.pt) in --out")
     a("--bench", action="store_true", help="time training steps on synthetic data, then exit")
     a("--out", help="output folder (default runs/<dataset>)")
     a("--resume", action="store_true", help="continue this stage's checkpoint in --out")
-    a("--gamma", choices=sorted(vae.GAMMAS), help="computed (paper) or learned (Dai & Wipf)")
     a("--epochs", type=int, help="total epochs: 700/1400 (cifar10), 70/140 (celeba)")
-    a("--lr", type=float, help="initial Adam learning rate: 1e-4 (cifar10), 5e-5 (celeba)")
-    a("--halve-every", type=int, help="halve the lr every N epochs: 200/100, 60/120 (celeba)")
-    a("--batch-size", type=int, help="minibatch size (paper 4: 100)")
-    a("--kl-weight", type=float, help="KL weight k: pixels/1024 in stage 1 (4.2), 1 in stage 2")
-    a("--l2", type=float, help="weight on the resampling kernels: 0, 0.001 for celeba (4.2)")
-    a("--latent-dim", type=int, help="latent variables (paper 4.1: 64)")
-    a("--base-dim", type=int, help="channels of the first scale (32)")
-    a("--fc-dim", type=int, help="width of the encoder's fc scale block (512)")
-    a("--num-scale", type=int, help="encoder scales: log2(side) - 2")
-    a("--second-dim", type=int, help="stage-2 width: 2048 for sides <= 32, else 4096")
-    a("--limit", type=int, help="train on N training images drawn at random from --seed")
-    a("--seed", type=int, help="random seed (0)")
     a("--device", help="torch device (default cuda if available, else cpu)")
     a("--sample-every", type=int, default=50, help="sample grids every N epochs and the last")
     a("--amp", default="none", choices=("none", "bf16"), help="bf16 autocast of the networks")

@@ -134,34 +134,24 @@ class BatchNorm(nn.BatchNorm2d):
 
 
 class ResBlock(nn.Module):
-    """res_block: depth x (batch norm -> ReLU -> conv3x3), plus a conv3x3 shortcut."""
+    """res_block: depth x (batch norm -> ReLU -> conv3x3), plus a conv3x3 shortcut; with
+    `dense`, res_fc_block: depth x (ReLU -> dense), plus a dense shortcut (no batch norm)."""
 
-    def __init__(self, cin, cout, depth):
+    def __init__(self, cin, cout, depth, dense=False):
         super().__init__()
+        layer = nn.Linear if dense else conv3x3
         self.body = nn.Sequential(*[m for i in range(depth) for m in (
-            BatchNorm(cin if i == 0 else cout), nn.ReLU(),
-            conv3x3(cin if i == 0 else cout, cout))])
-        self.shortcut = conv3x3(cin, cout)
+            *([] if dense else [BatchNorm(cin if i == 0 else cout)]), nn.ReLU(),
+            layer(cin if i == 0 else cout, cout))])
+        self.shortcut = layer(cin, cout)
 
     def forward(self, x):
         return self.body(x) + self.shortcut(x)
 
 
-class FcResBlock(nn.Module):
-    """res_fc_block: depth x (ReLU -> dense), plus a dense shortcut (no batch norm)."""
-
-    def __init__(self, cin, cout, depth):
-        super().__init__()
-        self.body = nn.Sequential(*[m for i in range(depth) for m in (
-            nn.ReLU(), nn.Linear(cin if i == 0 else cout, cout))])
-        self.shortcut = nn.Linear(cin, cout)
-
-    def forward(self, x):
-        return self.body(x) + self.shortcut(x)
-
-
-def scale_block(cin, cout, blocks, depth, block=ResBlock):
-    return nn.Sequential(*[block(cin if i == 0 else cout, cout, depth) for i in range(blocks)])
+def scale_block(cin, cout, blocks, depth, dense=False):
+    return nn.Sequential(*[ResBlock(cin if i == 0 else cout, cout, depth, dense)
+                           for i in range(blocks)])
 
 
 def glorot_init(module):
@@ -206,7 +196,7 @@ class VAE(_GaussianVAE):
             if i < num_scale - 1:
                 enc.append(conv3x3(d, dims[i + 1], stride=2))  # downsample
         self.encoder = nn.Sequential(*enc)
-        self.fc = scale_block(dims[-1], fc_dim, 1, depth_per_block, FcResBlock)
+        self.fc = scale_block(dims[-1], fc_dim, 1, depth_per_block, dense=True)
         self.mu, self.logsd = nn.Linear(fc_dim, latent_dim), nn.Linear(fc_dim, latent_dim)
 
         # decoder channels, from 2x2 up to side x side
