@@ -846,13 +846,19 @@ def test_to_uint8_inverts_batches():
 
 
 def test_heatmap_cells_and_scale(tmp_path):
-    """Row r, column c of the matrix is the cell at (8 + c * w, 36 + r * 6), w = 600 // columns,
-    coloured from dark blue (0, an active latent) through teal (0.5) to yellow (1, inactive); the
-    colour scale marks the threshold 0.8 in red at 80% of its height from the bottom."""
-    train.save_heatmap(np.array([[0.0, 1.0], [0.5, 0.25]]), tmp_path / "h.png", ["t"])
-    img = np.asarray(Image.open(tmp_path / "h.png").convert("RGB"))
-    assert [tuple(img[36 + y, 8 + x]) for y, x in ((0, 0), (0, 300), (6, 0), (6, 300))] == \
-        [(20, 30, 90), (250, 230, 60), (40, 150, 140), (30, 90, 115)]
+    """Latent r's E[sigma^2] in epoch c is the cell at (8 + c * w, 36 + r * 6), w = 600 // epochs,
+    rows sorted by the epoch each latent fell below 0.8 (then by the last value), coloured from
+    dark blue (0, active) through teal (0.5) to yellow (1, inactive); the colour scale marks the
+    threshold 0.8 in red at 80% of its height from the bottom."""
+    history = [dict(stage=1, latent_var=[1.0, 0.25, 0.9]),
+               dict(stage=1, latent_var=[0.0, 0.5, 1.0])]
+    train.write_pictures(history, None, None, None, str(tmp_path), 0, grids=False)
+    img = np.asarray(Image.open(tmp_path / "latent_variance.png").convert("RGB"))
+    # latent 1 is active from epoch 1, latent 0 from epoch 2, latent 2 never
+    cells = [tuple(img[36 + 6 * r, 8 + 300 * c]) for r in range(3) for c in range(2)]
+    # 0.25: halfway from (20, 30, 90) to (40, 150, 140); 0.9: 80% from there to (250, 230, 60)
+    assert cells == [(30, 90, 115), (40, 150, 140), (250, 230, 60), (20, 30, 90),
+                     (208, 214, 76), (250, 230, 60)]
     assert tuple(img[round(36 + 0.2 * 99), 600 + 40]) == (255, 0, 0)
 
 

@@ -89,7 +89,8 @@ def make_step(model, opt, cfg, args):
     # On CUDA a batch of 100 small images is bound by kernel launches, not arithmetic: CUDA
     # graphs ("reduce-overhead") replay the compiled forward and backward with one launch each.
     graphs = args.compile and args.device.type == "cuda"
-    net = torch.compile(model, mode="reduce-overhead" if graphs else None) if args.compile else model
+    net = model if not args.compile else torch.compile(model, mode="reduce-overhead" * graphs
+                                                       or None)
     amp = torch.autocast(args.device.type, torch.bfloat16, enabled=args.amp == "bf16")
 
     def step(x):
@@ -172,8 +173,8 @@ def train(args):
         state = dict(config=cfg, model=model.state_dict(), optimizer=opt.state_dict(),
                      epoch=epoch + 1, history=history)
         data.atomic_write(ckpt(out, stage), lambda f: torch.save(state, f))
-        lines = "".join(json.dumps(r) + "\n" for r in history).encode()
-        data.atomic_write(os.path.join(out, f"metrics_stage{stage}.jsonl"), lambda f: f.write(lines))
+        rows = "".join(json.dumps(r) + "\n" for r in history).encode()
+        data.atomic_write(os.path.join(out, f"metrics_stage{stage}.jsonl"), lambda f: f.write(rows))
         print(f"stage {stage} epoch {epoch + 1}/{cfg['epochs']}  loss {loss:.2f}  mse {mse:.5f}  "
               f"kl {kl:.2f}  gamma {history[-1]['gamma']:.4f}  var_law {stats['var_law']:.3f}  "
               f"inactive {stats['inactive']}/{len(e_var)} (E[sigma]: {stats['inactive_code']})  "
@@ -358,37 +359,32 @@ def save_grid(images, path, ncol=8, pad=2):
     data.atomic_write(path, lambda f: Image.fromarray(grid).save(f, format="PNG"))
 
 
-def save_heatmap(values, path, title, threshold=0.8, top=36):
-    """E[sigma^2] per latent (rows) and epoch (columns) under a title that says so; at the
-    right a colour scale with footnote 3's inactivity threshold marked."""
-    # 0 dark blue (an active latent), 0.5 teal, 1 yellow (inactive): R, G and B at 0, 0.5, 1
-    heat_colours = lambda v: np.stack([np.interp(v, (0, 0.5, 1), c) for c in (
-        (20, 40, 250), (30, 150, 230), (90, 140, 60))], -1).astype(np.uint8)
-    cells = heat_colours(values).repeat(6, 0).repeat(max(1, 600 // values.shape[1]), 1)
-    w, bar = cells.shape[1], max(len(cells), 100)
-    img = Image.new("RGB", (max(w + 120, 8 + 6 * max(map(len, title))), top + bar + 8), "white")
-    img.paste(Image.fromarray(cells), (8, top))
-    img.paste(Image.fromarray(heat_colours(np.linspace(1, 0, bar))[:, None].repeat(12, 1)),
-              (w + 28, top))  # the colour scale, 1 at the top
-    d = ImageDraw.Draw(img)
-    d.multiline_text((8, 6), "\n".join(title), fill="black")
-    for v in (0, 0.5, threshold, 1):
-        y, colour = top + round((1 - v) * (bar - 1)), "red" if v == threshold else "black"
-        d.line([w + 25, y, w + 43, y], fill=colour)
-        d.text((w + 46, y - 5), f"{v:g}" + " inactive" * (v == threshold), fill=colour)
-    data.atomic_write(path, lambda f: img.save(f, format="PNG"))
-
-
 def write_pictures(history, m1, m2, fixed, out, seed, grids):
-    """Every epoch the latent-variance heatmap (Fig. 6-7); every --sample-every epochs the
-    sample grids, drawn with the same noise each time."""
-    stage, epochs = history[-1]["stage"], len(history)
+    """Every epoch the latent-variance heatmap of Fig. 6-7: E[sigma^2] per latent (rows, sorted
+    by the epoch each became active) and epoch (columns), dark blue 0 (active) to yellow 1, with
+    a colour scale marking footnote 3's threshold 0.8; every --sample-every epochs the sample
+    grids, drawn with the same noise each time."""
+    stage, epochs, top = history[-1]["stage"], len(history), 36
     v = np.array([r["latent_var"] for r in history]).T  # (latents, epochs)
     first = np.where(v < 0.8, np.arange(epochs), epochs).min(1)  # the epoch it left the limbo
-    save_heatmap(v[np.lexsort((v[:, -1], first))],
-                 os.path.join(out, f"latent_variance{'2' * (stage == 2)}.png"),
-                 [f"stage {stage}: E[sigma^2] of each latent (a row, sorted by the epoch it",
-                  f"became active) in epochs 1-{epochs} (the columns, left to right)"])
+    colours = lambda a: np.stack([np.interp(a, (0, 0.5, 1), c) for c in (  # R, G, B at 0, .5, 1
+        (20, 40, 250), (30, 150, 230), (90, 140, 60))], -1).astype(np.uint8)
+    cells = colours(v[np.lexsort((v[:, -1], first))]).repeat(6, 0).repeat(max(1, 600 // epochs), 1)
+    h, w = max(len(cells), 100), cells.shape[1]
+    canvas = np.full((top + h + 8, w + 120, 3), 255, np.uint8)
+    canvas[top:top + len(cells), 8:8 + w] = cells
+    canvas[top:top + h, w + 28:w + 40] = colours(np.linspace(1, 0, h))[:, None]  # 1 at the top
+    img = Image.fromarray(canvas)
+    d = ImageDraw.Draw(img)
+    d.multiline_text((8, 6), f"stage {stage}: E[sigma^2] of each latent (a row, sorted by the "
+                     f"epoch it\nbecame active) in epochs 1-{epochs} (the columns, left to right)",
+                     fill="black")
+    for t in (0, 0.5, 0.8, 1):
+        y, colour = top + round((1 - t) * (h - 1)), "red" if t == 0.8 else "black"
+        d.line([w + 25, y, w + 43, y], fill=colour)
+        d.text((w + 46, y - 5), f"{t:g}" + " inactive" * (t == 0.8), fill=colour)
+    path = os.path.join(out, f"latent_variance{'2' * (stage == 2)}.png")
+    data.atomic_write(path, lambda f: img.save(f, format="PNG"))
     if not grids:
         return
     # Batch statistics, as in training, on a copy: the grids follow the printed training mse
