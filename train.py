@@ -89,8 +89,8 @@ def make_step(model, opt, cfg, args):
     # On CUDA a batch of 100 small images is bound by kernel launches, not arithmetic: CUDA
     # graphs ("reduce-overhead") replay the compiled forward and backward with one launch each.
     graphs = args.compile and args.device.type == "cuda"
-    net = model if not args.compile else torch.compile(model, mode="reduce-overhead" * graphs
-                                                       or None)
+    mode = "reduce-overhead" if graphs else None
+    net = torch.compile(model, mode=mode) if args.compile else model
     amp = torch.autocast(args.device.type, torch.bfloat16, enabled=args.amp == "bf16")
 
     def step(x):
@@ -152,8 +152,10 @@ def train(args):
     for epoch in range(start, cfg["epochs"]):
         for group in opt.param_groups:
             group["lr"] = lr = lr_at(cfg, epoch)
-        # the step's noise, like the batches' order, from (seed, epoch): a resume needs no state
-        torch.manual_seed(data.epoch_generator(cfg["seed"], epoch).initial_seed())
+        # the step's noise, like the batches' order, from (seed, epoch): a resume needs no saved
+        # state. Seeded by a draw, so it is not the batches' own stream over again.
+        g = data.epoch_generator(cfg["seed"], epoch)
+        torch.manual_seed(int(torch.randint(2**62, (), generator=g)))
         t0, rec = time.time(), []
         model.train()
         for x in data.progress(epochs(epoch), todo, f"stage {stage} epoch {epoch + 1}/"
