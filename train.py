@@ -195,6 +195,7 @@ def configure(args):
     if os.path.exists(ckpt(out, stage)) and not old:
         raise DataError(f"{ckpt(out, stage)} exists: add --resume to continue it, or choose "
                         "another --out for a new run")
+    # what the run builds on: stage 1 for stage 2, its own on --resume, both (if any) on --eval
     cks = {s: load_checkpoint(out, s, args.device) for s in (1, 2) if s < stage or s == stage
            and old or args.eval and os.path.exists(ckpt(out, s))}
     own = cks.get(stage)  # a resume's or --eval's: every setting; a new stage 2: stage 1's data
