@@ -7,7 +7,8 @@
 - `LearnedGamma`: Dai & Wipf's trainable log-gamma, the baseline of Tables 2-3.
 - `VAE`: the stage-1 "ResNet" network (Fig. 1; Dai & Wipf's network/util.py), with TF1's
   debiased `BatchNorm`; `SecondStage`: the stage-2 VAE on latents.
-- `variance_law`, `latent_summary`: eq. 6 per latent and footnote 3's inactive count.
+- `variance_law`, `latent_summary`: eq. 6 per latent and footnote 3's inactive count, by the
+  paper's E[sigma^2] and by the released evaluation's E[sigma].
 
 Deviations from the paper and the reference code:
 - k (KL weight) = pixels / 1024, the paper's rule (4.2: 4x the pixels, 4x the KL); the released
