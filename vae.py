@@ -38,11 +38,8 @@ def kl_divergence(mu, logsd):
 
 
 def vae_loss(x, x_hat, mu, logsd, gamma, kl_weight=1.0):
-    """Per-sample sum over the D pixels x channels of eq. 7, plus kl_weight * eq. 3, batch mean.
-
-    Returns (loss, mse, kl): mse is the batch mean over samples, pixels and channels (the quantity
-    gamma^2 tracks), kl the batch mean of eq. 3. Everything is computed in float32.
-    """
+    """(loss, mse, kl) in float32: loss the batch mean of eq. 7 summed over the D pixels x channels
+    plus kl_weight * eq. 3; mse the mean over all values (what gamma^2 tracks); kl eq. 3's mean."""
     x, x_hat, mu, logsd = x.float(), x_hat.float(), mu.float(), logsd.float()
     D = x[0].numel()
     sse = (x - x_hat).square().flatten(1).sum(1)
@@ -59,14 +56,10 @@ def kl_weight_for(side):
 
 # --- gamma: computed (the paper) or learned (Dai & Wipf) -------------------------------------
 class ComputedGamma(nn.Module):
-    """gamma = sqrt(mse_est), the paper's rule (section 3), stepped after each minibatch:
-
-        mse_est <- min(mse_est, 0.99 * mse_est + 0.01 * batch_mse),   mse_est starts at 1.0
-
-    batch_mse is the mean (x - x_hat)^2 of the minibatch just trained on, so each step's loss
-    uses the estimate of the previous ones, as the released code feeds gamma in. The min keeps
-    gamma non-increasing. A buffer, not a parameter: a constant in the loss (no gradient), saved
-    in the state_dict; updated on the device, without host synchronisation."""
+    """gamma = sqrt(mse_est), the paper's rule (section 3); after each minibatch, from 1.0,
+    mse_est <- min(mse_est, 0.99 * mse_est + 0.01 * batch_mse) (non-increasing), so each loss uses
+    the previous batches' estimate, as the released code feeds gamma in. A buffer: no gradient,
+    in the state_dict, updated on the device without host synchronisation."""
 
     def __init__(self):
         super().__init__()
@@ -104,14 +97,10 @@ def conv3x3(cin, cout, stride=1):
 
 
 class BatchNorm(nn.BatchNorm2d):
-    """Batch norm with zero-debiased moving averages, as TF1's assign_moving_average in Dai &
-    Wipf's batch_norm: after t steps the running estimate is the decay-weighted mean
-
-        sum_i (1 - d) d^(t - i) stat_i / (1 - d^t),   decay d = 0.999,
-
-    of the t batch statistics (a plain moving average would still be mostly its (0, 1) start
-    after a few hundred steps). As a recursion: a moving average of momentum (1 - d) / (1 - d^t),
-    1 at the first step, falling to 1 - d."""
+    """Batch norm with zero-debiased moving averages (TF1's assign_moving_average in Dai & Wipf's
+    batch_norm): after t steps, sum_i (1 - d) d^(t - i) stat_i / (1 - d^t), d = 0.999, i.e. a
+    moving average of momentum (1 - d) / (1 - d^t), 1 at the first step, falling to 1 - d (a plain
+    one would still be mostly its (0, 1) start after a few hundred steps)."""
 
     def __init__(self, channels, decay=0.999):
         super().__init__(channels, eps=1e-5)  # the reference's epsilon
@@ -176,11 +165,10 @@ class _GaussianVAE(nn.Module):
 
 
 class VAE(_GaussianVAE):
-    """Stage 1: the "ResNet" encoder/decoder of Dai & Wipf (paper Fig. 1) for square images of side
-    `side` (a power of two). Encoder: conv3x3 -> num_scale scale blocks with stride-2 convolutions
-    doubling the channels between them -> global mean -> fc scale block -> mu, log sigma heads.
-    Decoder: dense to 2x2 -> (stride-2 transposed conv, scale block) up to `side` -> conv3x3 ->
-    sigmoid, with channels base_dim at full size, doubling per halving, capped at 1024."""
+    """Stage 1: Dai & Wipf's "ResNet" (Fig. 1), side x side images (side a power of two). Encoder:
+    conv3x3 -> num_scale scale blocks, stride-2 convs doubling channels between -> global mean ->
+    fc scale block -> mu, log sigma. Decoder: dense to 2x2 -> (stride-2 up-conv, scale block) up
+    to side -> conv3x3 -> sigmoid; channels base_dim at full size, x2 per halving, max 1024."""
 
     def __init__(self, side=32, latent_dim=64, base_dim=32, fc_dim=512, num_scale=3,
                  block_per_scale=1, depth_per_block=2, gamma="computed"):
@@ -200,8 +188,7 @@ class VAE(_GaussianVAE):
         self.fc = scale_block(dims[-1], fc_dim, 1, depth_per_block, dense=True)
         self.mu, self.logsd = nn.Linear(fc_dim, latent_dim), nn.Linear(fc_dim, latent_dim)
 
-        # decoder channels, from 2x2 up to side x side
-        ddims = [min(base_dim * 2 ** i, 1024) for i in range(int(math.log2(side)))][::-1]
+        ddims = [min(base_dim * 2 ** i, 1024) for i in range(int(math.log2(side)))][::-1]  # 2x2 up
         self.fc0 = nn.Linear(latent_dim, 4 * ddims[0])
         dec = []
         for cin, cout in zip(ddims, ddims[1:]):
@@ -236,9 +223,8 @@ class SecondStage(_GaussianVAE):
         mlp = lambda: nn.Sequential(*[m for i in range(depth) for m in (
             nn.Linear(latent_dim if i == 0 else dim, dim), nn.ReLU())])
         self.enc, self.dec = mlp(), mlp()
-        self.mu = nn.Linear(dim + latent_dim, latent_dim)
-        self.logsd = nn.Linear(dim + latent_dim, latent_dim)
-        self.z_hat = nn.Linear(dim + latent_dim, latent_dim)
+        self.mu, self.logsd, self.z_hat = (
+            nn.Linear(dim + latent_dim, latent_dim) for _ in range(3))
         glorot_init(self)
 
     def encode(self, z):
@@ -275,21 +261,18 @@ def sample_latents(m1, m2, n, g, device):
 
 # --- Latent statistics: eq. 6 and footnote 3 -------------------------------------------------
 def variance_law(mu, logsd, released=False):
-    """Per latent: (Var_X[mu(X)] + E_X[v(X)], E_X[v(X)]) over the rows of mu, logsd, where v is
-    sigma^2 as the paper defines it (eq. 6, footnote 3) or, with `released`, sigma itself, as the
-    authors' evaluation code computes it (it exponentiates the log-sigma output and calls it the
-    variance). The paper's "inactive" is E[v] >= 0.8; the two agree for inactive latents (sigma
-    near 1) and differ for the "limbo" ones (E[sigma^2] 0.6-0.8 is E[sigma] of about 0.77-0.89).
-    """
+    """Per latent: (Var_X[mu(X)] + E_X[v(X)], E_X[v(X)]) over the rows, v = sigma^2 (eq. 6,
+    footnote 3) or, `released`, sigma, as the authors' evaluation code (exp of log sigma, called
+    the variance). "Inactive" is E[v] >= 0.8: the two agree for sigma near 1 and differ in
+    "limbo" (E[sigma^2] 0.6-0.8 is E[sigma] of about 0.77-0.89)."""
     mu, v = mu.double(), logsd.double().exp() ** (1 if released else 2)
     e_v = v.mean(0)
     return mu.var(0, unbiased=False) + e_v, e_v
 
 
 def latent_summary(mu, logsd):
-    """The latent statistics of Tables 1-5 by both definitions: the variance law averaged over
-    latents and the inactive count (E >= 0.8), with E[sigma^2] (the paper) and E[sigma] (the
-    released code, suffix _code); and E[sigma^2] per latent (Fig. 6-7)."""
+    """Tables 1-5's mean variance law and inactive count (E >= 0.8) by E[sigma^2] (the paper) and
+    E[sigma] (released code, suffix _code); and E[sigma^2] per latent (Fig. 6-7)."""
     row = {}
     for suffix, released in (("", False), ("_code", True)):
         law, e_v = variance_law(mu, logsd, released)
