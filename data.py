@@ -57,8 +57,20 @@ def progress(items, total, desc, unit="images", size=len, leave=True):
             line = f"{desc} {done:.0f}/{total or '?'} {unit}, {rate:.0f} {unit}/s, ETA {m}:{s:02}"
             width = max(width, len(line))  # to cover a longer line drawn before
             print(f"\r{line:<{width}}", end="", file=sys.stderr, flush=True)
+            _drawn[desc] = True
     if done:
         print("\n" if leave else "\r" + " " * width + "\r", end="", file=sys.stderr, flush=True)
+    _drawn.pop(desc, None)
+
+
+_drawn = {}  # the progress lines drawn and not yet ended
+
+
+def end_line():
+    """End a progress line cut short (an error, Ctrl-C), so that what follows starts a line."""
+    if _drawn:
+        print(file=sys.stderr, flush=True)
+        _drawn.clear()
 
 
 def atomic_write(path, write):

@@ -16,8 +16,10 @@ import os
 import pathlib
 import pickle
 import re
+import shlex
 import shutil
 import tarfile
+import time
 import types
 import urllib.error
 import warnings
@@ -457,17 +459,39 @@ def test_stage2_trains_from_stage1_and_eval_writes_table(tiny, capsys):
     res = json.load(open(os.path.join(out, "eval.json")))
     assert res["n"] == 25 and res["rec_fid"] is None and res["inception"] is None
     assert (res["epochs"], res["epochs2"]) == (2, 2)
-    printed = capsys.readouterr().out.splitlines()
+    printed = capsys.readouterr().out.splitlines()[1:]  # after the short run's note
     assert printed[1].split()[:5] == ["2", "-", "-", "-", f"{res['mse']:.4f}"]
     assert printed[1].split()[6] == f"{res['inactive']}/8"
     assert f"{res['inactive_code']}/8" in printed[2]
 
 
-def tiles(path, n, side=16, ncol=8, pad=2):
-    """The first n images of a grid written by train.save_grid."""
-    grid = np.asarray(Image.open(path))
-    return np.stack([grid[pad + r * (side + pad):pad + r * (side + pad) + side,
-                          pad + c * (side + pad):pad + c * (side + pad) + side]
+@pytest.mark.parametrize("epoch, note", [(2, "12 steps; ... still hold 99%"),
+                                         (166, "996 steps; ... still hold 37%"), (167, None)])
+def test_eval_after_fewer_than_1000_steps_says_the_moving_averages_lag(tiny, capsys, epoch,
+                                                                          note):
+    """6 steps an epoch: below 1,000 steps one line says how much of batch norm's initial
+    moving averages is left (0.999^12 = 0.988, 0.999^996 = 0.369); from 1,000 none."""
+    run, out = tiny
+    run("--epochs", "2")
+    path = os.path.join(out, "stage1.pt")
+    torch.save(torch.load(path, weights_only=True) | dict(epoch=epoch), path)
+    capsys.readouterr()
+    bare(out, "--eval", "--no-fid", "--n-eval", "10")
+    lines = [l for l in capsys.readouterr().out.splitlines() if l.startswith("note:")]
+    if note is None:
+        assert lines == []
+    else:
+        steps, left = note.split(" ... ")
+        assert lines == [f"note: stage 1 has trained {steps} batch norm's moving averages (decay "
+                         f"0.999) {left} of their initial values, so the mse and pictures here "
+                         "lag far behind training's until about 1,000-3,000 steps"]
+
+
+def tiles(path, n, recon=False, side=16, ncol=8, pad=2):
+    """The first n images of a grid written by train.save_grid: below its 20-px title, right of
+    a recon grid's 60-px row names, each enlarged 4x (16 px to 64) and read back at 1x."""
+    grid, s = np.asarray(Image.open(path))[20:, 60 * recon:], 4 * side + pad
+    return np.stack([grid[pad + r * s:pad + r * s + 4 * side:4, pad + c * s:pad + c * s + 4 * side:4]
                      for r, c in (divmod(i, ncol) for i in range(n))])
 
 
@@ -500,7 +524,7 @@ def test_eval_follows_the_protocol(tiny, tmp_path, latent_norm):
         z = z * (math.sqrt(law.mean()) / z.std(0).mean())
     gen2 = m1.decode(z).detach()
     u8 = lambda t: (t * 255).round().clamp(0, 255).byte().permute(0, 2, 3, 1).numpy()
-    pairs = tiles(os.path.join(out, "eval_recon.png"), 64)
+    pairs = tiles(os.path.join(out, "eval_recon.png"), 64, True)
     pick = np.linspace(0, 24, 32).astype(int)[:8]  # the first row of the spread-out pairs
     for got, want in ((pairs[8:16], u8(r)[pick]), (pairs[:8], test[pick]),
                       (tiles(os.path.join(out, "eval_gen1.png"), 25), u8(gen1)),
@@ -562,13 +586,70 @@ def test_ctrl_c_mid_epoch_keeps_the_last_epoch_then_resumes(tiny, tmp_path, monk
     assert metrics(out) == straight
 
 
+@pytest.mark.parametrize("at, resume", [(3, False), (9, False), (9, True)])
+def test_ctrl_c_says_what_was_saved_and_the_command(tiny, tmp_path, monkeypatch, capsys, at,
+                                                     resume):
+    """Ctrl-C at step 3 of a new run (epoch 1 of 6 steps): nothing was saved, and the command to
+    start again; at step 9 (epoch 2), or in a resume: the command to continue, --resume once.
+    The message starts on a fresh line."""
+    run, out = tiny
+    if resume:
+        run("--epochs", "1")
+    calls, real_update = [], vae.ComputedGamma.update
+    def update(self, batch_mse):
+        real_update(self, batch_mse)
+        calls.append(1)
+        if len(calls) == at:
+            raise KeyboardInterrupt
+    monkeypatch.setattr(vae.ComputedGamma, "update", update)
+    capsys.readouterr()
+    argv = ["--epochs", "3"] + ["--resume"] * resume
+    with pytest.raises(SystemExit) as e:
+        run(*argv)
+    command = shlex.join(["python", "train.py", *TINY, "--dataset", "folder", "--data-dir",
+                          str(tmp_path / "images"), "--out", out, *argv])
+    want = (f"interrupted: {out}/stage1.pt keeps the last finished epoch; continue with\n  "
+            f"{command}{' --resume' * (not resume)}" if at > 6 or resume else
+            f"interrupted: nothing was saved; start again with\n  {command}")
+    err = capsys.readouterr().err
+    assert e.value.code == 130 and err.endswith(want + "\n")
+    assert re.split("[\r\n]", err[:-len(want) - 1])[-1] == ""  # at the start of a line
+
+
+def test_an_error_starts_on_a_fresh_line(monkeypatch, capsys):
+    """An error met while a progress line is drawn (a corrupt image while decoding) is printed
+    on a line of its own, not glued onto the progress line."""
+    def images():
+        yield [1]
+        time.sleep(0.3)  # the progress line is drawn at most 4 times a second
+        yield [2]
+        raise DataError("cannot decode image x.png")
+    monkeypatch.setattr(train, "train", lambda args: list(data.progress(images(), 9, "decoding")))
+    with pytest.raises(SystemExit):
+        train.main(["--epochs", "1"])
+    assert re.search(r"\rdecoding 2/9 images, .*\nerror: cannot decode image x.png\n$",
+                     capsys.readouterr().err)
+
+
 def test_start_and_progress_lines(tiny, capsys):
+    """The start line names the settings' source: the paper's (then each flag given), or the
+    checkpoint's; a side of 64 takes CelebA's."""
     run, out = tiny
     run("--epochs", "1", "--limit", "40")
     o, err = capsys.readouterr()
     assert re.match(r"stage 1 on cpu \(\d+ threads\): folder 40 of 60 \(drawn from seed 3\) train "
                     r"images 16x16, [\d,]+ parameters, computed gamma, lr 0.002, "
-                    r"batch 10; new run, 1 epochs in all; out ", o)
+                    r"batch 10; new run, 1 epochs in all; settings: the paper's CIFAR-10 "
+                    r"settings, --dataset folder, --img-size 16, --limit 40, --seed 3, "
+                    r"--latent-dim 8, .*, --lr 0.002, --batch-size 10, --epochs 1; out ", o)
+    bare(out, "--epochs", "2", "--resume")
+    assert f"; settings: {out}/stage1.pt's, --epochs 2; out " in capsys.readouterr().out
+    bare(out, "--stage", "2", "--epochs", "1", "--batch-size", "10")
+    assert (f"; settings: the paper's CIFAR-10 settings and {out}/stage1.pt's data and network, "
+            "--batch-size 10, --epochs 1; out ") in capsys.readouterr().out
+    run("--epochs", "1", "--img-size", "64", "--limit", "10", "--out", out + "64")
+    assert "settings: the paper's CelebA settings, --dataset folder, --img-size 64, " in (
+        capsys.readouterr().out)
     assert re.search(r"stage 1 epoch 1/1 40/40 images, \d+ images/s, ETA 0:00", err)
     row = json.loads(open(os.path.join(out, "metrics_stage1.jsonl")).readline())
     assert row["images_per_s"] * row["seconds"] == pytest.approx(40, rel=1e-9)  # 4 steps of 10
@@ -594,13 +675,29 @@ def test_limit_draws_a_seeded_subset_kept_by_every_stage(tiny, monkeypatch):
     assert index == sorted(index)
 
 
+@pytest.mark.parametrize("recon", [False, True])
+def test_grids_say_what_they_show_at_twice_32_px(tmp_path, recon):
+    """A title above every grid; a recon grid names its rows (originals, then reconstructions,
+    alternating) in a 60-px margin; 32-px images at 2x (64 + 2 px a tile)."""
+    imgs = np.random.default_rng(0).integers(0, 256, (16, 32, 32, 3), np.uint8)
+    train.save_grid(imgs, tmp_path / "g.png", "GEN-1 samples", imgs[::-1] if recon else None)
+    g = np.asarray(Image.open(tmp_path / "g.png"))
+    rows, left = 4 if recon else 2, 60 * recon
+    assert g.shape == (20 + rows * 66 + 2, left + 8 * 66 + 2, 3)
+    np.testing.assert_array_equal(g[22:86:2, left + 2:left + 66:2], imgs[0])
+    ink = (g < 100).all(-1)  # black text on white
+    assert ink[:20].sum() > 50  # the title
+    names = [ink[20 + r * 66:86 + r * 66, :60].sum() for r in range(rows)] if recon else [0]
+    assert names == [0] or (names[0] == names[2] > names[1] == names[3] > 0)  # "original" > "recon"
+
+
 def test_training_recon_grid_spreads_its_images_over_the_split(tiny, tmp_path):
     """The recon grid's originals are the 32 images at linspace(0, 59, 32) of the training
     split (sorted by name), in rows alternating with their reconstructions: from across a
     folder sorted by class, not its first 32."""
     run, out = tiny
     run("--epochs", "1")
-    pairs = tiles(os.path.join(out, "recon_e0001.png"), 64)
+    pairs = tiles(os.path.join(out, "recon_e0001.png"), 64, True)
     want = np.linspace(0, 59, 32).astype(int)
     files = [np.asarray(Image.open(tmp_path / "images" / "train" / f"{i:03d}.png")) for i in want]
     for row in range(4):
@@ -776,7 +873,7 @@ def test_eval_scores_each_set_against_the_test_images(tiny, tmp_path, weights):
     # the grid's rows alternate originals and reconstructions of 32 picks spread over the 4
     pick = list(np.linspace(0, 3, 32).astype(int))
     at = [(2 * (pick.index(k) // 8) + r) * 8 + pick.index(k) % 8 for k in range(4) for r in (0, 1)]
-    pairs = tiles(os.path.join(out, "eval_recon.png"), 64)[at]
+    pairs = tiles(os.path.join(out, "eval_recon.png"), 64, True)[at]
     assert np.array_equal(pairs[::2], test)
     recon = pairs[1::2]
     gen1, gen2 = (tiles(os.path.join(out, f"eval_gen{k}.png"), 4) for k in (1, 2))

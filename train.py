@@ -11,20 +11,21 @@ its settings and each split's image count (a moved folder is the same data). sta
 the stage-1 epoch it was trained on. Every file in --out is written whole, then renamed.
 
 Deviations from the paper and the released code:
-- Epoch e's order and noise are drawn from (seed, e), so a resume repeats an uninterrupted run
-  on the CPU. A checkpoint is written after each epoch: Ctrl-C loses the epoch in progress.
-- The per-epoch grids run batch norm on batch statistics; --eval on the moving averages, as the
-  paper's evaluation does. After a short run the two differ (README).
-- CelebA l2: the paper (4.2) adds 0.001 * sum(w^2) over the resampling kernels to the loss; the
-  released code defines that regulariser but never adds it. We follow the paper.
-- Evaluation: the paper's protocol. The released adjust=True also rescales the reconstructions'
-  pixel std, GEN-1 latents by sqrt(variance law) and GEN-2 latents per batch of 100; not here.
+- Epoch e's order and noise are drawn from (seed, e): a resume repeats an uninterrupted run on
+  the CPU. A checkpoint is written after each epoch: Ctrl-C loses the epoch in progress.
+- The per-epoch grids run batch norm on batch statistics, --eval on the moving averages as the
+  paper does; they differ until about 1,000 steps (README).
+- CelebA l2: the paper (4.2) adds 0.001 * sum(w^2) over the resampling kernels; the released
+  code defines that term but never adds it. We follow the paper.
+- Evaluation: the paper's protocol, not the released adjust=True (which rescales the
+  reconstructions' pixel std, GEN-1 latents by sqrt(variance law), GEN-2 latents per batch).
 """
 import argparse
 import copy
 import json
 import math
 import os
+import shlex
 import sys
 import time
 
@@ -69,7 +70,7 @@ ARCH1 = ("latent_dim", "base_dim", "fc_dim", "num_scale", "block_per_scale", "de
 def paper_defaults(dataset, side, stage):
     """Every setting of a stage as the paper (or, where silent, the released code) has it:
     CelebA's for its 64x64 images and any as large, else CIFAR-10's."""
-    celeba, s = dataset == "celeba" or side >= 64, stage - 1
+    celeba, s = paper_for(dataset, side) == "celeba", stage - 1
     paper = PAPER["celeba" if celeba else "cifar10"]
     return dict(
         dataset=dataset, img_size=side, resize="bilinear", jpeg=None, limit=None, seed=0,
@@ -80,6 +81,10 @@ def paper_defaults(dataset, side, stage):
         latent_dim=64, base_dim=32, fc_dim=512, num_scale=max(1, int(math.log2(side)) - 2),
         block_per_scale=1, depth_per_block=2, second_dim=2048 if side <= 32 else 4096,
         second_depth=3)
+
+
+def paper_for(dataset, side):
+    return "celeba" if dataset == "celeba" or side >= 64 else "cifar10"
 
 
 # --- Training (paper section 4): stage 1 on images, stage 2 on stage-1 latents ---------------
@@ -122,7 +127,7 @@ def lr_at(cfg, epoch):
 
 
 def train(args):
-    (cfg, cks), stage, dev, out = configure(args), args.stage, args.device, args.out
+    (cfg, cks, source), stage, dev, out = configure(args), args.stage, args.device, args.out
     torch.manual_seed(cfg["seed"])
     model = build(cfg, stage).to(dev, memory_format=torch.channels_last)
     opt = make_optimizer(model, cfg["lr"], dev)
@@ -147,7 +152,7 @@ def train(args):
           f"{cfg['img_size']}x{cfg['img_size']}, {sum(p.numel() for p in model.parameters()):,} "
           f"parameters, {cfg['gamma']} gamma, lr {cfg['lr']:g}, batch {bs}; " + (
               f"resuming at epoch {start + 1}" if start else "new run") + f", {cfg['epochs']} "
-          f"epochs in all; out {out}", flush=True)
+          f"epochs in all; settings: {source}; out {out}", flush=True)
     step = make_step(model, opt, cfg, args)
     for epoch in range(start, cfg["epochs"]):
         for group in opt.param_groups:
@@ -206,12 +211,15 @@ def configure(args):
         if k in fixed and fixed[k] != v:
             raise DataError(f"{words(k, v)} contradicts {src}, made with {words(k, fixed[k])}: "
                             "leave the flag out, or choose another --out")
-    cfg = dict(fixed)
+    cfg, source = dict(fixed), f"{src}'s"
     if not own:
         dataset = fixed.get("dataset") or flags.get("dataset", "cifar10")
         side = (fixed.get("img_size") or flags.get("img_size")
                 or data.choose_img_size(dataset, args.data_dir or "data")[0])
         cfg = paper_defaults(dataset, side, stage) | flags | fixed
+        name = dict(cifar10="CIFAR-10", celeba="CelebA")[paper_for(dataset, side)]
+        source = f"the paper's {name} settings" + f" and {src}'s data and network" * (
+            stage == 2) + "".join(f", {words(k, v)}" for k, v in flags.items() if k not in fixed)
         cfg["stage1_epoch"] = cks[1]["epoch"] if stage == 2 else None
     cfg["epochs"] = args.epochs or cfg["epochs"]  # the one setting a resume may change
     cfg["data_dir"] = os.path.abspath(args.data_dir or cfg.get("data_dir") or "data")
@@ -228,7 +236,7 @@ def configure(args):
     if not args.eval and stage in cks and cks[stage]["epoch"] >= cfg["epochs"]:
         raise DataError(f"{ckpt(out, stage)} has trained {cks[stage]['epoch']} epochs already: "
                         "pass a larger --epochs (the stage's total) to train more")
-    return cfg, cks
+    return cfg, cks, source + f", --epochs {args.epochs}" * bool(args.epochs)
 
 
 def given(args):
@@ -284,13 +292,19 @@ def load_split(cfg, split):
 # --- Evaluation (paper 4-5): REC, GEN-1, GEN-2 FID on 10,000 test images, mse, eq. 6, fn. 3 --
 @torch.no_grad()
 def evaluate(args):
-    (cfg, cks), dev, out = configure(args), args.device, args.out
+    (cfg, cks, _), dev, out = configure(args), args.device, args.out
     if args.latent_norm and 2 not in cks:
         raise DataError("--latent-norm rescales two-stage samples, but there is no stage2.pt")
     if not args.no_fid:  # first: offline, the weights fail in seconds, not after the sampling
         import fid
         net = fid.load_inception(args.inception, args.inception_weights, dev)
     m1, m2 = (load_model(cks[s], s, dev) if s in cks else None for s in (1, 2))
+    steps = cks[1]["epoch"] * (min(cfg["limit"] or 2**62, cfg["images"]["train"]) // cfg[
+        "batch_size"])
+    if steps < 1000:  # 0.999^1000 = 0.37: a third of the initial values still in the averages
+        print(f"note: stage 1 has trained {steps} steps; batch norm's moving averages (decay "
+              f"0.999) still hold {0.999 ** steps:.0%} of their initial values, so the mse and "
+              "pictures here lag far behind training's until about 1,000-3,000 steps")
     split = load_split(cfg, "test")
     # n test images drawn from the seed when the split is larger: a folder sorted by class, or
     # CelebA's 19,962, of which the released code evaluates a random 10,000
@@ -323,9 +337,11 @@ def evaluate(args):
             res[f"{k}_fid"] = fid.frechet_distance(*real, *fid.feature_stats(
                 net, imgs, desc=f"FID {k}"))
     pick = np.linspace(0, n - 1, 32).astype(int)  # spread over a split sorted by class
-    sets["recon"] = side_by_side(test[pick], sets.pop("rec")[pick])
+    at = f"stage 1 epoch {res['epochs']}" + f", stage 2 epoch {res['epochs2']}" * bool(m2)
+    save_grid(test[pick], os.path.join(out, "eval_recon.png"), f"REC, {at}: test images and "
+              "their reconstructions", sets.pop("rec")[pick])
     for k, imgs in sets.items():
-        save_grid(imgs[:64], os.path.join(out, f"eval_{k}.png"))
+        save_grid(imgs[:64], os.path.join(out, f"eval_{k}.png"), f"GEN-{k[-1]} samples, {at}")
     text = json.dumps(res, indent=1).encode()
     data.atomic_write(os.path.join(out, "eval.json"), lambda f: f.write(text))
     fids = [f"{res[k]:6.1f}" if res[k] else "     -" for k in ("rec_fid", "gen1_fid", "gen2_fid")]
@@ -338,28 +354,35 @@ def evaluate(args):
     return res
 
 
-# --- Pictures (Pillow only): sample grids, the latent-variance heatmap (Fig. 6-7) -------------
+# --- Pictures (Pillow only): labelled grids, the latent-variance heatmap (Fig. 6-7) ---------
 @torch.no_grad()
 def decode_all(m1, z, desc="decoding"):
     chunks = data.progress(z.split(500), len(z), desc, leave=False)
     return np.concatenate([data.to_uint8(m1.decode(c)) for c in chunks])
 
 
-def side_by_side(orig, recon, ncol=8):
-    """Rows of originals alternating with rows of their reconstructions (whole rows only)."""
-    n, shape = len(orig) // ncol * ncol, (-1, ncol, *orig.shape[1:])
-    pairs = np.stack([orig[:n].reshape(shape), recon[:n].reshape(shape)], 1)
-    return pairs.reshape(-1, *orig.shape[1:])
-
-
-def save_grid(images, path, ncol=8, pad=2):
-    """uint8 images (N, H, W, 3) as one PNG grid of `ncol` columns, white between."""
-    n, h, w, _ = images.shape
-    grid = np.full((-(-n // ncol) * (h + pad) + pad, ncol * (w + pad) + pad, 3), 255, np.uint8)
+def save_grid(images, path, title, recon=None, ncol=8, pad=2, top=20, left=60):
+    """uint8 images (N, H, W, 3) in rows of `ncol` under a title, enlarged to at least 64 px;
+    with `recon`, rows of originals alternate with rows of their reconstructions, each named."""
+    if recon is None:
+        left = 0
+    else:  # whole rows only
+        n, shape = len(images) // ncol * ncol, (-1, ncol, *images.shape[1:])
+        images = np.stack([images[:n].reshape(shape), recon[:n].reshape(shape)], 1)
+    images = images.reshape(-1, *images.shape[-3:])
+    k = max(1, 64 // images.shape[1])  # a 32 px image is small on screen: shown at 2x
+    images = images.repeat(k, 1).repeat(k, 2)
+    (n, h, w, _), rows = images.shape, -(-len(images) // ncol)
+    grid = np.full((top + rows * (h + pad) + pad, left + ncol * (w + pad) + pad, 3), 255, np.uint8)
     for i, img in enumerate(images):
-        top, left = pad + i // ncol * (h + pad), pad + i % ncol * (w + pad)
-        grid[top:top + h, left:left + w] = img
-    data.atomic_write(path, lambda f: Image.fromarray(grid).save(f, format="PNG"))
+        y, x = top + pad + i // ncol * (h + pad), left + pad + i % ncol * (w + pad)
+        grid[y:y + h, x:x + w] = img
+    img = Image.fromarray(grid)
+    d = ImageDraw.Draw(img)
+    d.text((pad, 5), title, fill="black")
+    for r in range(rows) if left else ():
+        d.text((pad, top + r * (h + pad) + h // 2), ("original", "recon")[r % 2], fill="black")
+    data.atomic_write(path, lambda f: img.save(f, format="PNG"))
 
 
 def write_pictures(history, m1, m2, fixed, out, seed, grids):
@@ -393,13 +416,15 @@ def write_pictures(history, m1, m2, fixed, out, seed, grids):
     # Batch statistics, as in training, on a copy: the grids follow the printed training mse
     # from the first epoch, while the moving averages --eval uses lag a short run behind.
     m1, g = copy.deepcopy(m1).train(), torch.Generator().manual_seed(seed)
-    tag = f"{'stage2_' * (stage == 2)}e{epochs:04d}"
+    tag, gen = f"{'stage2_' * (stage == 2)}e{epochs:04d}", f"GEN-{stage}"
     if fixed is not None:
         x = fixed.float() / 255
-        recon = data.to_uint8(vae.reconstruct(m1, x, g)[0])
-        save_grid(side_by_side(data.to_uint8(x), recon), os.path.join(out, f"recon_{tag}.png"))
+        save_grid(data.to_uint8(x), os.path.join(out, f"recon_{tag}.png"), f"stage 1 epoch "
+                  f"{epochs}: training images and their reconstructions",
+                  data.to_uint8(vae.reconstruct(m1, x, g)[0]))
     z = vae.sample_latents(m1, m2, 64, g, next(m1.parameters()).device)
-    save_grid(decode_all(m1, z), os.path.join(out, f"samples_{tag}.png"))
+    save_grid(decode_all(m1, z), os.path.join(out, f"samples_{tag}.png"),
+              f"{gen} samples, stage {stage} epoch {epochs}")
 
 
 # --- Command line: every flag checked before any data is decoded ----------------------------
@@ -481,15 +506,24 @@ def bench(args, warmup=3, steps=10):
 
 
 def main(argv=None):
+    argv, args = sys.argv[1:] if argv is None else list(argv), None
     try:
         args = parse_args(argv)
         evaluate(args) if args.eval else bench(args) if args.bench else train(args)
     except DataError as e:
+        data.end_line()
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
-    except KeyboardInterrupt:
-        print("\ninterrupted: each checkpoint in --out keeps its last finished epoch; continue "
-              "training with the same command plus --resume", file=sys.stderr)
+    except KeyboardInterrupt:  # a checkpoint is whole or absent (the docstring's files rule)
+        data.end_line()
+        command = " ".join(["python train.py", *map(shlex.quote, argv)])
+        if args and not (args.eval or args.bench) and os.path.exists(ckpt(args.out, args.stage)):
+            print(f"interrupted: {ckpt(args.out, args.stage)} keeps the last finished epoch; "
+                  f"continue with\n  {command}{' --resume' * ('--resume' not in argv)}",
+                  file=sys.stderr)
+        else:
+            print(f"interrupted: nothing was saved; start again with\n  {command}",
+                  file=sys.stderr)
         sys.exit(130)
 
 
