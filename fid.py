@@ -1,24 +1,18 @@
 """FID (Frechet Inception Distance) in plain PyTorch: the paper's evaluation metric.
 
-The paper scores reconstructions (REC), decoder samples (GEN-1) and two-stage samples (GEN-2) by
-their FID against 10,000 test images (sections 4-5). Only `--inception tf` (pytorch-fid's port
-of the TF graph of 2015-12-05) gives FIDs comparable with the paper's; torchvision's ImageNet
-weights (the default) give another scale. `python fid.py A B` prints the FID of A vs B (image
-folders or statistics .npz); --save-stats writes A's statistics.
+The paper scores reconstructions and samples against 10,000 test images by FID (sections 4-5):
+only `--inception tf` (pytorch-fid's port of the 2015-12-05 TF graph) matches its scale, not
+torchvision's weights (the default). `python fid.py A B` prints an FID; --save-stats A's stats.
 
 Deviations from pytorch-fid:
-- tr sqrtm(s1 s2) by symmetric eigh: finite with fewer images than features, where scipy's
-  sqrtm of the non-symmetric s1 s2 can turn round-off imaginary, and pytorch-fid then refuses.
-- Batch norm folded into the convolutions, channels-last: faster, the same features.
-- TF32 off for the features: torch lets cuDNN use it by default, which rounds the inputs.
-- Generated images are quantised to uint8 (by the caller), as the real images' files are.
-- Fewer images than the 2048 features: a warning (singular covariance, the FID biased up).
+- tr sqrtm(s1 s2) by symmetric eigh: finite with fewer images than features (pytorch-fid refuses).
+- Batch norm folded into the convolutions, channels-last, TF32 off: faster, the same features.
+- Images are uint8 (generated ones quantised by the caller); under 2048 of them: a warning.
 """
 import argparse
 import functools
 import os
 import sys
-import zipfile
 
 import numpy as np
 import torch
@@ -28,8 +22,7 @@ from PIL import Image
 
 from data import DataError, atomic_write, list_images, progress
 
-URLS = {  # torch.hub's check_hash reads the SHA-256 prefix that ends each name (pytorch-fid's:
-    # 6726825d0af5f729cebd5821db510b11b1cfad8faad88a03f1befd49fb9129b2, as projects pin it)
+URLS = {  # torch.hub's check_hash verifies the SHA-256 prefix that ends each name
     "torchvision": "https://download.pytorch.org/models/inception_v3_google-0cc3c7bd.pth",
     "tf": "https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
           "pt_inception-2015-12-05-6726825d.pth"}
@@ -37,12 +30,10 @@ FC_CLASSES = {"torchvision": 1000, "tf": 1008}  # the classifier sizes tell the 
 IGNORED = ("fc.", "AuxLogits.")  # classifier heads: FID uses the 2048-d pool features before them
 
 
-class Conv(nn.Module):
-    """torchvision's BasicConv2d: convolution without bias, batch norm (eps 0.001), ReLU."""
-    def __init__(self, cin, cout, kernel_size, stride=1, padding="same"):
+class Conv(nn.Module):  # torchvision's BasicConv2d: conv without bias, batch norm, ReLU
+    def __init__(self, cin, cout, k, stride=1, padding="same"):  # strided ones never pad
         super().__init__()
-        padding = padding if stride == 1 else 0  # torchvision's strided convolutions never pad
-        self.conv = nn.Conv2d(cin, cout, kernel_size, stride, padding, bias=False)
+        self.conv = nn.Conv2d(cin, cout, k, stride, 0 if stride > 1 else padding, bias=False)
         self.bn = nn.BatchNorm2d(cout, eps=0.001)
 
     def forward(self, x):  # inference only: batch norm folded into the conv, a fifth less time
@@ -58,9 +49,7 @@ def _chain(x, *layers):  # a list among the layers is a fork: its outputs concat
     return x
 
 
-class Mixed(nn.Module):
-    """An Inception block: branches, each a chain of layers on the block's input, concatenated.
-    Convolutions get torchvision's names: the branch's if it has one, else with _1, _2 (_2a...)."""
+class Mixed(nn.Module):  # branches on one input, concatenated; torchvision's conv names
     def __init__(self, **branches):
         super().__init__()
         self.branches = list(branches.values())
@@ -75,22 +64,17 @@ class Mixed(nn.Module):
 
 
 avg_pool = functools.partial(F.avg_pool2d, kernel_size=3, stride=1, padding=1)
-tf_avg_pool = functools.partial(avg_pool, count_include_pad=False)
-tf_max_pool = functools.partial(F.max_pool2d, kernel_size=3, stride=1, padding=1)
 max_pool = functools.partial(F.max_pool2d, kernel_size=3, stride=2)  # the grid reductions'
-# The TF graph differs from torchvision's only in four pool branches (pytorch-fid's "Patch"es).
-POOLS = {"torchvision": dict(A=avg_pool, C=avg_pool, E1=avg_pool, E2=avg_pool),
-         "tf": dict(A=tf_avg_pool,    # 1. TF's average pool leaves the padding out of the mean...
-                    C=tf_avg_pool,    # 2. ...in InceptionC...
-                    E1=tf_avg_pool,   # 3. ...and in the first InceptionE (Mixed_7b);
-                    E2=tf_max_pool)}  # 4. Mixed_7c max-pools (likely a slip; FIDs keep it).
+# The TF graph's four pool branches (pytorch-fid's "Patch"es) differ from torchvision's:
+tf_avg_pool = functools.partial(avg_pool, count_include_pad=False)  # A, C, 7b: mean w/o padding
+tf_max_pool = functools.partial(F.max_pool2d, kernel_size=3, stride=1, padding=1)  # 7c: a TF slip
 
 
-class InceptionV3(nn.Module):
-    """torchvision's Inception3 up to the 2048-d global average pool: no AuxLogits, no fc."""
+class InceptionV3(nn.Module):  # torchvision's Inception3 up to the 2048-d pool, no classifier
     def __init__(self, variant="torchvision"):
         super().__init__()
-        self.variant, pool = variant, POOLS[variant]
+        self.variant = variant
+        pool, pool_7c = (tf_avg_pool, tf_max_pool) if variant == "tf" else (avg_pool, avg_pool)
         self.Conv2d_1a_3x3 = Conv(3, 32, 3, stride=2)
         self.Conv2d_2a_3x3 = Conv(32, 32, 3, padding=0)
         self.Conv2d_2b_3x3 = Conv(32, 64, 3)
@@ -102,7 +86,7 @@ class InceptionV3(nn.Module):
             setattr(self, f"Mixed_{name}", Mixed(  # torchvision's InceptionA
                 branch1x1=[Conv(cin, 64, 1)], branch5x5=[Conv(cin, 48, 1), Conv(48, 64, 5)],
                 branch3x3dbl=[Conv(cin, 64, 1), Conv(64, 96, 3), Conv(96, 96, 3)],
-                branch_pool=[pool["A"], Conv(cin, pool_features, 1)]))
+                branch_pool=[pool, Conv(cin, pool_features, 1)]))
         self.Mixed_6a = Mixed(  # InceptionB
             branch3x3=[Conv(288, 384, 3, stride=2)],
             branch3x3dbl=[Conv(288, 64, 1), Conv(64, 96, 3), Conv(96, 96, 3, stride=2)],
@@ -114,39 +98,34 @@ class InceptionV3(nn.Module):
                 branch7x7=[Conv(768, c7, 1), Conv(c7, c7, row), Conv(c7, 192, col)],
                 branch7x7dbl=[Conv(768, c7, 1), Conv(c7, c7, col), Conv(c7, c7, row),
                               Conv(c7, c7, col), Conv(c7, 192, row)],
-                branch_pool=[pool["C"], Conv(768, 192, 1)]))
+                branch_pool=[pool, Conv(768, 192, 1)]))
         self.Mixed_7a = Mixed(  # InceptionD
             branch3x3=[Conv(768, 192, 1), Conv(192, 320, 3, stride=2)],
             branch7x7x3=[Conv(768, 192, 1), Conv(192, 192, row), Conv(192, 192, col),
                          Conv(192, 192, 3, stride=2)],
             pool=[max_pool])
-        for name, cin, pool_e in ("7b", 1280, pool["E1"]), ("7c", 2048, pool["E2"]):
+        fork = lambda: [Conv(384, 384, (1, 3)), Conv(384, 384, (3, 1))]  # noqa: E731
+        for name, cin, pool_e in ("7b", 1280, pool), ("7c", 2048, pool_7c):
             setattr(self, f"Mixed_{name}", Mixed(  # InceptionE
-                branch1x1=[Conv(cin, 320, 1)],
-                branch3x3=[Conv(cin, 384, 1), [Conv(384, 384, (1, 3)), Conv(384, 384, (3, 1))]],
-                branch3x3dbl=[Conv(cin, 448, 1), Conv(448, 384, 3),
-                              [Conv(384, 384, (1, 3)), Conv(384, 384, (3, 1))]],
+                branch1x1=[Conv(cin, 320, 1)], branch3x3=[Conv(cin, 384, 1), fork()],
+                branch3x3dbl=[Conv(cin, 448, 1), Conv(448, 384, 3), fork()],
                 branch_pool=[pool_e, Conv(cin, 192, 1)]))
 
-    def forward(self, x):  # floats (N, 3, H, W) in [0, 1] -> (N, 2048), preprocessed as in
-        # pytorch-fid: bilinear to 299x299 (align_corners=False), then to [-1, 1] (both files')
+    def forward(self, x):  # floats (N, 3, H, W) in [0, 1] -> (N, 2048), as pytorch-fid resizes
         x = F.interpolate(x, size=(299, 299), mode="bilinear", align_corners=False)
-        x = (2 * x - 1).contiguous(memory_format=torch.channels_last)
+        x = (2 * x - 1).contiguous(memory_format=torch.channels_last)  # [-1, 1], as both files'
         return _chain(x, *self.children()).mean((2, 3))
 
 
-def load_weights(model, state, variant):
-    """Copy a torchvision-named state dict into `model`, classifier heads ignored; refuse a file
-    with missing or stray names, wrong shapes, or the other variant's classifier size."""
+def load_weights(model, state, variant):  # torchvision-named weights into `model`, or refuse
     state = state if isinstance(state, dict) else {}
     problem, fc = None, state.get("fc.weight")
     if fc is not None and len(fc) != FC_CLASSES[variant]:  # the other variant's file
         problem = f"fc has {len(fc)} classes, not {FC_CLASSES[variant]}"
-    # num_batches_tracked counts training steps: inference never reads it, not every file has it
-    tracked = {k: torch.tensor(0) for k in model.state_dict() if k.endswith("_tracked")}
+    state = {k: v for k, v in state.items() if not k.startswith(IGNORED)}
+    tracked = {k: torch.tensor(0) for k in model.state_dict() if k.endswith("_tracked")}  # unread
     try:
-        model.load_state_dict({**{k: v for k, v in state.items() if not k.startswith(IGNORED)},
-                               **tracked})
+        model.load_state_dict({**state, **tracked})
     except RuntimeError as e:  # torch lists the missing and stray names and the wrong shapes
         problem = " ".join(str(e).split(":", 1)[1].split())
     if problem:
@@ -156,14 +135,12 @@ def load_weights(model, state, variant):
 
 
 def load_inception(variant="torchvision", weights_path=None, device=None):
-    """Eval-mode InceptionV3 with the variant's weights (`weights_path`, else downloaded once
-    into torch.hub's cache) on `device` (default: cuda if available)."""
+    """Eval-mode InceptionV3, the variant's weights from `weights_path` or downloaded once."""
     try:
         state = (torch.load(weights_path, map_location="cpu", weights_only=True) if weights_path
                  else torch.hub.load_state_dict_from_url(URLS[variant], map_location="cpu",
                                                          check_hash=True, weights_only=True))
-    except Exception as e:  # offline, a bad hash, or no weights (torch.load raises anything then)
-        # torch's advice for a file of other objects, weights_only=False, would run their code
+    except Exception as e:  # offline, bad hash, junk; never advise weights_only=False (runs code)
         why = "" if "weights_only" in str(e) else str(e).strip().split("\n")[0]
         raise DataError(f"cannot load {weights_path or URLS[variant]} ({why or 'not weights'}). "
                         f"The {variant} weights are at {URLS[variant]}; offline, download them "
@@ -177,8 +154,7 @@ def load_inception(variant="torchvision", weights_path=None, device=None):
 
 @torch.no_grad()
 def feature_stats(model, images, batch_size=200, desc="features", total=None):
-    """Float64 mean and covariance (np.cov, N - 1) of the features of uint8 images (N, H, W, 3):
-    an array, or an iterable of such batches (`total` images, if known, for the progress line)."""
+    """Float64 mean and covariance (N - 1) of the features of uint8 images (N, H, W, 3)."""
     if isinstance(images, np.ndarray):
         total = len(images)
         images = [images[i:i + batch_size] for i in range(0, total, batch_size)]  # views
@@ -187,38 +163,23 @@ def feature_stats(model, images, batch_size=200, desc="features", total=None):
     torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False  # exact fp32
     try:
         for batch in progress(images, total, desc):
-            if batch.dtype != np.uint8 or batch.ndim != 4 or batch.shape[3] != 3:
-                raise DataError(f"{desc}: expected uint8 images (N, H, W, 3), not {batch.dtype} "
-                                f"{batch.shape}")
             x = torch.from_numpy(np.array(batch)).to(device)  # a copy: memmaps are read-only
             feats.append(model(x.permute(0, 3, 1, 2).float() / 255).double().cpu())
     finally:  # the caller's settings back
         torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = tf32
-    n = sum(map(len, feats))
-    if n < 2:
-        raise DataError(f"{desc}: {n} image(s); a covariance needs at least 2 (the paper: 10,000)")
     feats = torch.cat(feats).numpy()
-    if n < feats.shape[1]:
-        print(f"warning: {desc}: {n} images < {feats.shape[1]} features, so the covariance is "
-              "singular and the FID biased up: compare only at equal N (the paper's 10,000)",
+    if len(feats) < feats.shape[1]:
+        print(f"warning: {desc}: {len(feats)} images < {feats.shape[1]} features, so the covariance"
+              " is singular and the FID biased up: compare only at equal N (the paper's 10,000)",
               file=sys.stderr)
     return feats.mean(0), np.cov(feats, rowvar=False)
 
 
 def frechet_distance(mu1, sigma1, mu2, sigma2):
     """|mu1 - mu2|^2 + tr(s1) + tr(s2) - 2 tr(sqrtm(s1 s2)) in float64 (Heusel et al. 2017)."""
-    mu1, mu2 = (np.atleast_1d(np.asarray(m, np.float64)) for m in (mu1, mu2))
-    s1, s2 = (np.atleast_2d(np.asarray(s, np.float64)) for s in (sigma1, sigma2))
-    d = len(mu1)
-    if mu1.shape != mu2.shape or s1.shape != (d, d) or s2.shape != (d, d):
-        raise DataError(f"the statistics do not match: mu {mu1.shape} and {mu2.shape}, "
-                        f"sigma {s1.shape} and {s2.shape}")
-    if not all(np.isfinite(a).all() for a in (mu1, mu2, s1, s2)):
-        raise DataError("the statistics contain NaN or infinite values: recompute them")
-    # s1 s2 has the eigenvalues of the symmetric PSD r^T s2 r, r = v1 sqrt(w1), which eigvalsh
-    # finds real to ~1e-16 of the largest (Weyl); round-off below 0 is clipped before the root.
-    w1, v1 = np.linalg.eigh(s1)
-    r = v1 * np.sqrt(w1.clip(0))
+    mu1, mu2, s1, s2 = (np.asarray(a, np.float64) for a in (mu1, mu2, sigma1, sigma2))
+    w1, v1 = np.linalg.eigh(s1)  # s1 s2 has the eigenvalues of symmetric PSD r^T s2 r:
+    r = v1 * np.sqrt(w1.clip(0))  # round-off below 0 clipped
     tr_covmean = np.sqrt(np.linalg.eigvalsh(r.T @ s2 @ r).clip(0)).sum()
     return float(np.sum((mu1 - mu2) ** 2) + np.trace(s1) + np.trace(s2) - 2 * tr_covmean)
 
@@ -227,67 +188,57 @@ def save_stats(path, mu, sigma):  # atomically: an interrupted run leaves no hal
     atomic_write(path, lambda f: np.savez(f, mu=mu, sigma=sigma))
 
 
-def load_stats(path):
-    """(mu, sigma) from a statistics .npz (fid.py's or pytorch-fid's)."""
+def load_stats(path):  # (mu, sigma) from a statistics .npz, fid.py's or pytorch-fid's
     try:
         with np.load(path) as f:
             return f["mu"], f["sigma"]
-    except (OSError, ValueError, KeyError, TypeError, EOFError, zipfile.BadZipFile) as e:
+    except Exception as e:  # a damaged or foreign file makes numpy raise almost anything
         raise DataError(f"cannot read statistics (mu, sigma) from {path}: {e}") from None
 
 
-def cached_stats(path, compute):
-    """(mu, sigma) from `path` if it exists, else from compute(), then saved there."""
-    if os.path.exists(path):
-        return load_stats(path)
-    mu, sigma = compute()
-    save_stats(path, mu, sigma)
-    return mu, sigma
+def cached_stats(path, compute):  # (mu, sigma) from `path`, else compute()d and saved there
+    if not os.path.exists(path):
+        save_stats(path, *compute())
+    return load_stats(path)
 
 
-def input_stats(path, get_model, batch_size):
-    """(mu, sigma) of a statistics .npz, or of a folder of images through get_model()."""
+def input_stats(path, get_model, batch_size):  # a statistics .npz, or a folder of images
     if path.endswith(".npz") and os.path.isfile(path):
         return load_stats(path)
     paths = list_images(path) if os.path.isdir(path) else []
     if not paths:
         raise DataError(f"{path}: neither a statistics .npz (mu, sigma) nor a folder of images")
-
-    def batches():
-        for i in range(0, len(paths), batch_size):
-            try:  # PIL's errors name the file; np.stack's, images of different sizes
-                batch = np.stack([np.asarray(Image.open(p).convert("RGB"))
-                                  for p in paths[i:i + batch_size]])
-            except (OSError, ValueError) as e:
-                raise DataError(f"cannot read the images from {paths[i]} on: {e}") from None
-            yield batch
-    return feature_stats(get_model(), batches(), desc=path, total=len(paths))
+    def read(chunk):  # PIL's errors name the file; np.stack's, images of different sizes
+        try:
+            return np.stack([np.asarray(Image.open(p).convert("RGB")) for p in chunk])
+        except (OSError, ValueError) as e:
+            raise DataError(f"cannot read the images from {chunk[0]} on: {e}") from None
+    batches = (read(paths[i:i + batch_size]) for i in range(0, len(paths), batch_size))
+    return feature_stats(get_model(), batches, desc=path, total=len(paths))
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     a = p.add_argument
     a("a", help="a folder of images or a statistics .npz (mu, sigma)")
     a("b", nargs="?", help="the same, for the other side (optional with --save-stats)")
     a("--save-stats", metavar="OUT.npz", help="save the statistics (mu, sigma) of A")
     a("--inception", choices=list(URLS), default="torchvision",
-      help="'tf' (the TF graph as ported by pytorch-fid) gives FIDs comparable with the paper; "
-           "'torchvision' (ImageNet weights) gives FIDs on another scale")
+      help="tf (pytorch-fid's TF graph): FIDs comparable with the paper's (default torchvision)")
     a("--inception-weights", metavar="PATH", help="a local weights file instead of the download")
-    a("--batch-size", type=int, default=200, help="images per Inception forward pass")
+    a("--batch-size", type=int, default=200, help="images per Inception pass (default 200)")
     a("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
     args = p.parse_args(argv)
     if args.b is None and not args.save_stats:
         p.error("give two inputs A B, or one input and --save-stats OUT.npz")
-    get_model = functools.cache(lambda: load_inception(args.inception, args.inception_weights,
-                                                       args.device))
+    net = functools.cache(lambda: load_inception(args.inception, args.inception_weights,
+                                                 args.device))
     try:
-        mu1, sigma1 = input_stats(args.a, get_model, args.batch_size)
+        mu1, sigma1 = input_stats(args.a, net, args.batch_size)
         if args.save_stats:
             save_stats(args.save_stats, mu1, sigma1)
         if args.b is not None:
-            mu2, sigma2 = input_stats(args.b, get_model, args.batch_size)
+            mu2, sigma2 = input_stats(args.b, net, args.batch_size)
             print(f"{frechet_distance(mu1, sigma1, mu2, sigma2):.6f}")
     except DataError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -1690,19 +1690,6 @@ def test_round_off_below_zero_is_clipped(side):
     assert got == pytest.approx(4 - 4e-9 + 2 - 2 * 2, rel=0, abs=2 * root_tol(2, 4.0))
 
 
-@pytest.mark.parametrize("stats, message", [
-    ((np.full(4, np.nan), np.eye(4), np.zeros(4), np.eye(4)), "NaN"),
-    ((np.zeros(2), np.eye(2), np.zeros(2), np.diag([1, np.inf])), "infinite"),
-    ((np.zeros(4), np.eye(4), np.zeros(3), np.eye(3)), r"do not match: mu \(4,\) and \(3,\)"),
-    ((np.zeros(3), np.eye(3), np.zeros(4), np.eye(3)), r"mu \(3,\) and \(4,\), sigma \(3, 3\)"),
-    ((np.zeros(3), np.eye(3), np.zeros(3), np.eye(4)), r"sigma \(3, 3\) and \(4, 4\)"),
-    ((np.zeros(3), np.eye(3)[:2], np.zeros(3), np.eye(3)[:2]), r"sigma \(2, 3\) and \(2, 3\)"),
-])
-def test_frechet_distance_refuses_bad_statistics(stats, message):
-    with pytest.raises(DataError, match=message):
-        fid.frechet_distance(*stats)
-
-
 # ---------------------------------------------------------------- the network and its weights
 
 REFERENCE = np.load(TESTDATA / "inception_features.npz")
@@ -1968,18 +1955,6 @@ def test_warning_below_as_many_images_as_features(capsys, n):
                       if n == 5 else [])
 
 
-@pytest.mark.parametrize("bad, message", [
-    (images(1), "1 image.*at least 2"),
-    ([], "0 image.*at least 2"),
-    (images(2).astype(np.float32), "uint8"),
-    (images(2)[..., 0], "uint8"),
-    (np.zeros((2, 8, 8, 4), np.uint8), r"uint8 images \(N, H, W, 3\), not uint8 \(2, 8, 8, 4\)"),
-])
-def test_feature_stats_refuses_bad_input(bad, message):
-    with pytest.raises(DataError, match=message):
-        fid.feature_stats(Pixels(), bad)
-
-
 @pytest.mark.parametrize("before", [True, False])
 def test_features_are_computed_without_tf32_and_the_settings_restored(before):
     flags = torch.backends.cudnn, torch.backends.cuda.matmul
@@ -1989,8 +1964,8 @@ def test_features_are_computed_without_tf32_and_the_settings_restored(before):
             f.allow_tf32 = before
         net = Pixels()
         fid.feature_stats(net, images(3))
-        with pytest.raises(DataError):  # restored after an error too
-            fid.feature_stats(net, [images(2), images(2).astype(np.float32)])
+        with pytest.raises(TypeError):  # restored after an error too
+            fid.feature_stats(net, [images(2), np.array(["junk"])])
         assert net.tf32 == {(False, False)} and [f.allow_tf32 for f in flags] == [before] * 2
     finally:
         for f, value in zip(flags, saved):
@@ -2133,7 +2108,6 @@ def mixed_sizes(p):
 
 
 @pytest.mark.parametrize("setup, message", [
-    (lambda p: write_folder(p / "one", images(1)), "at least 2"),
     (lambda p: write_folder(p / "empty", images(0)), "empty: neither .* nor a folder of images"),
     (unreadable_image, "cannot read the images from .*00.png on: .*03.png"),
     (mixed_sizes, "cannot read the images from .*00.png on: .*same shape"),
@@ -2141,7 +2115,7 @@ def mixed_sizes(p):
     (npz_without_sigma, "cannot read statistics .*mu.npz"),
     (image_array, "x.npy: neither a statistics .npz"),
     (lambda p: str(p / "missing.npz"), "missing.npz: neither"),
-], ids=["one image", "empty folder", "unreadable image", "mixed sizes", "junk npz",
+], ids=["empty folder", "unreadable image", "mixed sizes", "junk npz",
         "npz without sigma", "npy", "missing npz"])
 def test_cli_errors(weights, tmp_path, capsys, setup, message):
     source = setup(tmp_path)
