@@ -42,30 +42,23 @@ class DataError(Exception):
 def progress(items, total, desc, unit="images", size=len, leave=True):
     """Yield `items`, redrawing "desc done/total unit, rate, ETA" on stderr (<= 4/s); `leave` it."""
     start, last, done, width = time.time(), time.time(), 0, 0
-    for item in itertools.chain(items, [progress]):  # `progress` itself marks the end
-        if item is not progress:
-            yield item
-            done += size(item)
-        if done and (item is progress or time.time() - last >= 0.25):
-            last, rate = time.time(), done / max(time.time() - start, 1e-9)
-            m, s = divmod(int((total - done) / rate) if total and rate > 0 else 0, 60)
-            line = f"{desc} {done:.0f}/{total or '?'} {unit}, {rate:.0f} {unit}/s, ETA {m}:{s:02}"
-            width = max(width, len(line))  # to cover a longer line drawn before
-            print(f"\r{line:<{width}}", end="", file=sys.stderr, flush=True)
-            _drawn[desc] = True
+    try:
+        for item in itertools.chain(items, [progress]):  # `progress` itself marks the end
+            if item is not progress:
+                yield item
+                done += size(item)
+            if done and (item is progress or time.time() - last >= 0.25):
+                last, rate = time.time(), done / max(time.time() - start, 1e-9)
+                m, s = divmod(int((total - done) / rate) if total and rate > 0 else 0, 60)
+                eta = f"ETA {m}:{s:02}"
+                line = f"{desc} {done:.0f}/{total or '?'} {unit}, {rate:.0f} {unit}/s, {eta}"
+                width = max(width, len(line))  # to cover a longer line drawn before
+                print(f"\r{line:<{width}}", end="", file=sys.stderr, flush=True)
+    except Exception:  # met while the line is drawn (a corrupt image): its error on a new line
+        print("\n" * bool(width), end="", file=sys.stderr)
+        raise
     if done:
         print("\n" if leave else "\r" + " " * width + "\r", end="", file=sys.stderr, flush=True)
-    _drawn.pop(desc, None)
-
-
-_drawn = {}  # the progress lines drawn and not yet ended
-
-
-def end_line():
-    """End a progress line cut short (an error, Ctrl-C), so that what follows starts a line."""
-    if _drawn:
-        print(file=sys.stderr, flush=True)
-        _drawn.clear()
 
 
 def atomic_write(path, write):

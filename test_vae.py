@@ -274,6 +274,11 @@ def bare(out, *argv):
     train.main(["--out", out, *argv])
 
 
+def load_model(out, stage):
+    ck = train.load_checkpoint(out, stage, "cpu")
+    return train.build(ck["config"], stage, "cpu", ck["model"]).eval()
+
+
 def metrics(out, stage=1):
     with open(os.path.join(out, f"metrics_stage{stage}.jsonl")) as f:
         rows = [json.loads(line) for line in f]
@@ -436,7 +441,7 @@ def test_stage2_data_is_the_frozen_encoders_view_of_the_training_set(tiny, tmp_p
         return real(m1, images, *a)
     monkeypatch.setattr(data, "latent_batches", spy)
     run("--stage", "2", "--epochs", "1")
-    m1 = train.load_model(train.load_checkpoint(out, 1, "cpu"), 1, "cpu")
+    m1 = load_model(out, 1)
     split = data.load_split("folder", "train", str(tmp_path / "images"), 16)
     x = torch.from_numpy(np.array(data.subset(split, 40, 3))).permute(0, 3, 1, 2).float() / 255
     with torch.no_grad():
@@ -506,7 +511,7 @@ def test_eval_follows_the_protocol(tiny, tmp_path, latent_norm):
     run("--stage", "2", "--epochs", "1")
     bare(out, "--eval", "--no-fid", "--n-eval", "25", *(["--latent-norm"] if latent_norm else []))
     res = json.load(open(os.path.join(out, "eval.json")))
-    m1, m2 = (train.load_model(train.load_checkpoint(out, s, "cpu"), s, "cpu") for s in (1, 2))
+    m1, m2 = (load_model(out, s) for s in (1, 2))
     # 25 of the 30 test images, drawn from the run's seed 3 (in their order)
     drawn = np.sort(np.random.default_rng(3).choice(30, 25, replace=False))
     test = np.stack([np.asarray(Image.open(tmp_path / "images" / "test" / f"{i:03d}.png"))

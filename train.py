@@ -4,17 +4,15 @@
     python train.py --dataset cifar10 --stage 2   # stage-2 VAE on the stage-1 latents
     python train.py --dataset cifar10 --eval      # REC / GEN-1 / GEN-2 FID, mse, variance law
 
-One rule for settings: a new run takes the paper's for its dataset, image size and stage (4.1,
-4.2; where it is silent, the released code's), then the flags given; --resume, stage 2 and
---eval take them from the checkpoint and refuse a flag given that contradicts it. The data is
-its settings and each split's image count (a moved folder is the same data). stage2.pt records
-the stage-1 epoch it was trained on. Every file in --out is written whole, then renamed.
+Settings: a new run takes the paper's for its dataset, image size and stage (4.1, 4.2; where it
+is silent, the released code's), then the flags given; --resume, stage 2 and --eval take them
+from the checkpoint and refuse a flag given that contradicts it. The data is its settings and
+each split's image count. stage2.pt records its stage-1 epoch. Files are written whole.
 
 Deviations from the paper and the released code:
-- Epoch e's order and noise are drawn from (seed, e): a resume repeats an uninterrupted run on
-  the CPU. A checkpoint is written after each epoch: Ctrl-C loses the epoch in progress.
-- The per-epoch grids run batch norm on batch statistics, --eval on the moving averages as the
-  paper does; they differ until about 1,000 steps (README).
+- Epoch e's order and noise come from (seed, e): a resume repeats an uninterrupted run.
+- The per-epoch grids use batch statistics, --eval the moving averages as the paper does; the
+  two differ until about 1,000 steps (README).
 - CelebA l2: the paper (4.2) adds 0.001 * sum(w^2) over the resampling kernels; the released
   code defines that term but never adds it. We follow the paper.
 - Evaluation: the paper's protocol, not the released adjust=True (which rescales the
@@ -40,8 +38,8 @@ from data import DataError
 # (stage 1, stage 2). CIFAR-10 (4.1): 700 epochs at 1e-4 halved every 200; stage 2 1400 epochs
 # halved every 100. CelebA: 5e-5 and 70 epochs (4.2; its Table 3 runs: 1e-4 halved every 48);
 # the halving every 60 / 120 and the 140 stage-2 epochs come from the released code's comments.
-PAPER = {"cifar10": dict(epochs=(700, 1400), lr=(1e-4, 1e-4), halve_every=(200, 100)),
-         "celeba": dict(epochs=(70, 140), lr=(5e-5, 5e-5), halve_every=(60, 120))}
+PAPER = {"CIFAR-10": dict(epochs=(700, 1400), lr=(1e-4, 1e-4), halve_every=(200, 100)),
+         "CelebA": dict(epochs=(70, 140), lr=(5e-5, 5e-5), halve_every=(60, 120))}
 # The settings a flag may give: choices or type, and a help naming the paper's value. A flag
 # left out is None, so it never contradicts a checkpoint.
 DATA = dict(  # the data's settings: with each split's image count, its identity
@@ -51,13 +49,12 @@ DATA = dict(  # the data's settings: with each split's image count, its identity
     jpeg=(int, "a JPEG round trip at this quality, as the reference (75); default lossless"),
     limit=(int, "train on N training images drawn at random from --seed"),
     seed=(int, "random seed (0)"))
-NETWORK = dict(  # Fig. 1
+FLAGS = DATA | dict(  # the network (Fig. 1) and the training (4.1, 4.2)
     latent_dim=(int, "latent variables (paper 4.1: 64)"),
     base_dim=(int, "channels of the first scale (32)"),
     fc_dim=(int, "width of the encoder's fc scale block (512)"),
     num_scale=(int, "encoder scales: log2(side) - 2"),
-    second_dim=(int, "stage-2 width: 2048 for sides <= 32, else 4096"))
-FLAGS = DATA | NETWORK | dict(  # and the training (4.1, 4.2)
+    second_dim=(int, "stage-2 width: 2048 for sides <= 32, else 4096"),
     gamma=(tuple(vae.GAMMAS), "computed (the paper) or learned (Dai & Wipf)"),
     lr=(float, "initial Adam learning rate: 1e-4 (cifar10), 5e-5 (celeba)"),
     halve_every=(int, "halve the lr every N epochs: 200/100, 60/120 (celeba)"),
@@ -67,11 +64,14 @@ FLAGS = DATA | NETWORK | dict(  # and the training (4.1, 4.2)
 ARCH1 = ("latent_dim", "base_dim", "fc_dim", "num_scale", "block_per_scale", "depth_per_block")
 
 
+def paper_for(dataset, side):  # CelebA's settings for its 64x64 images and any as large
+    return "CelebA" if dataset == "celeba" or side >= 64 else "CIFAR-10"
+
+
 def paper_defaults(dataset, side, stage):
-    """Every setting of a stage as the paper (or, where silent, the released code) has it:
-    CelebA's for its 64x64 images and any as large, else CIFAR-10's."""
-    celeba, s = paper_for(dataset, side) == "celeba", stage - 1
-    paper = PAPER["celeba" if celeba else "cifar10"]
+    """Every setting of a stage as the paper (or, where silent, the released code) has it."""
+    celeba, s = paper_for(dataset, side) == "CelebA", stage - 1
+    paper = PAPER[paper_for(dataset, side)]
     return dict(
         dataset=dataset, img_size=side, resize="bilinear", jpeg=None, limit=None, seed=0,
         gamma="computed", batch_size=100, epochs=paper["epochs"][s], lr=paper["lr"][s],
@@ -83,10 +83,6 @@ def paper_defaults(dataset, side, stage):
         second_depth=3)
 
 
-def paper_for(dataset, side):
-    return "celeba" if dataset == "celeba" or side >= 64 else "cifar10"
-
-
 # --- Training (paper section 4): stage 1 on images, stage 2 on stage-1 latents ---------------
 def make_step(model, opt, cfg, args):
     """One step: forward (bf16 autocast if asked), eq. 7 + k * eq. 3 (+ l2) in fp32, Adam, then
@@ -94,8 +90,8 @@ def make_step(model, opt, cfg, args):
     # On CUDA a batch of 100 small images is bound by kernel launches, not arithmetic: CUDA
     # graphs ("reduce-overhead") replay the compiled forward and backward with one launch each.
     graphs = args.compile and args.device.type == "cuda"
-    mode = "reduce-overhead" if graphs else None
-    net = torch.compile(model, mode=mode) if args.compile else model
+    net = torch.compile(model, mode="reduce-overhead" if graphs else None) if args.compile \
+        else model
     amp = torch.autocast(args.device.type, torch.bfloat16, enabled=args.amp == "bf16")
 
     def step(x):
@@ -129,11 +125,10 @@ def lr_at(cfg, epoch):
 def train(args):
     (cfg, cks, source), stage, dev, out = configure(args), args.stage, args.device, args.out
     torch.manual_seed(cfg["seed"])
-    model = build(cfg, stage).to(dev, memory_format=torch.channels_last)
-    opt = make_optimizer(model, cfg["lr"], dev)
-    start, history = 0, []
-    if stage in cks:  # the resume: weights (gamma's estimate included) and Adam's moments
-        model.load_state_dict(cks[stage]["model"])
+    # a resume: the weights (gamma's estimate included) and Adam's moments
+    model = build(cfg, stage, dev, cks[stage]["model"] if stage in cks else None)
+    opt, start, history = make_optimizer(model, cfg["lr"], dev), 0, []
+    if stage in cks:
         opt.load_state_dict(cks[stage]["optimizer"])
         start, history = cks[stage]["epoch"], cks[stage]["history"]
     split = load_split(cfg, "train")
@@ -145,26 +140,25 @@ def train(args):
         # spread over the split (a folder sorted by class), not its first 32
         fixed = batches.x[np.linspace(0, len(images) - 1, 32).astype(int)].permute(0, 3, 1, 2)
     else:
-        m1 = load_model(cks[1], 1, dev)
+        m1 = build(cks[1]["config"], 1, dev, cks[1]["model"]).eval()
         epochs, todo = data.latent_batches(m1, images, bs, cfg["seed"], dev)
     drawn = f" of {len(split)} (drawn from seed {cfg['seed']})" * (len(images) < len(split))
     print(f"stage {stage} on {describe(dev)}: {cfg['dataset']} {len(images)}{drawn} train images "
           f"{cfg['img_size']}x{cfg['img_size']}, {sum(p.numel() for p in model.parameters()):,} "
-          f"parameters, {cfg['gamma']} gamma, lr {cfg['lr']:g}, batch {bs}; " + (
-              f"resuming at epoch {start + 1}" if start else "new run") + f", {cfg['epochs']} "
-          f"epochs in all; settings: {source}; out {out}", flush=True)
+          f"parameters, {cfg['gamma']} gamma, lr {cfg['lr']:g}, batch {bs}; "
+          f"{f'resuming at epoch {start + 1}' if start else 'new run'}, {cfg['epochs']} epochs "
+          f"in all; settings: {source}; out {out}", flush=True)
     step = make_step(model, opt, cfg, args)
     for epoch in range(start, cfg["epochs"]):
         for group in opt.param_groups:
             group["lr"] = lr = lr_at(cfg, epoch)
         # the step's noise, like the batches' order, from (seed, epoch): a resume needs no saved
         # state. Seeded by a draw, so it is not the batches' own stream over again.
-        g = data.epoch_generator(cfg["seed"], epoch)
-        torch.manual_seed(int(torch.randint(2**62, (), generator=g)))
-        t0, rec = time.time(), []
+        torch.manual_seed(int(torch.randint(2**62, (), generator=data.epoch_generator(
+            cfg["seed"], epoch))))
+        t0, rec, desc = time.time(), [], f"stage {stage} epoch {epoch + 1}/{cfg['epochs']}"
         model.train()
-        for x in data.progress(epochs(epoch), todo, f"stage {stage} epoch {epoch + 1}/"
-                               f"{cfg['epochs']}", leave=False):
+        for x in data.progress(epochs(epoch), todo, desc, leave=False):
             rec.append(step(x))  # eq. 7 + k * eq. 3, Adam, the gamma update; kept on the device
         (loss, kl, mse), mu, logsd = torch.stack([r[0] for r in rec]).mean(0).tolist(), *(
             torch.cat([r[i] for r in rec]) for i in (1, 2))
@@ -172,27 +166,28 @@ def train(args):
             raise DataError(f"non-finite loss in epoch {epoch + 1}; {ckpt(out, stage)} keeps the "
                             "last finished epoch (if any): try a lower --lr or --amp none")
         stats, e_var = vae.latent_summary(mu, logsd)  # eq. 6, footnote 3
-        seconds = time.time() - t0
-        history.append(dict(stage=stage, epoch=epoch + 1, loss=loss, kl=kl, mse=mse,
-                            gamma=model.gamma().item(), **stats, lr=lr, seconds=seconds,
-                            images_per_s=todo / seconds, latent_var=e_var.tolist()))
+        seconds, gamma = time.time() - t0, model.gamma().item()
+        history.append(dict(stage=stage, epoch=epoch + 1, loss=loss, kl=kl, mse=mse, gamma=gamma,
+                            **stats, lr=lr, seconds=seconds, images_per_s=todo / seconds,
+                            latent_var=e_var.tolist()))
         # the checkpoint, then the stage's metrics from it: a kill leaves both whole, in step
         state = dict(config=cfg, model=model.state_dict(), optimizer=opt.state_dict(),
                      epoch=epoch + 1, history=history)
         data.atomic_write(ckpt(out, stage), lambda f: torch.save(state, f))
         rows = "".join(json.dumps(r) + "\n" for r in history).encode()
         data.atomic_write(os.path.join(out, f"metrics_stage{stage}.jsonl"), lambda f: f.write(rows))
-        print(f"stage {stage} epoch {epoch + 1}/{cfg['epochs']}  loss {loss:.2f}  mse {mse:.5f}  "
-              f"kl {kl:.2f}  gamma {history[-1]['gamma']:.4f}  var_law {stats['var_law']:.3f}  "
-              f"inactive {stats['inactive']}/{len(e_var)} (E[sigma]: {stats['inactive_code']})  "
-              f"lr {lr:.2e}  {todo / seconds:.0f} img/s  {seconds:.1f}s", flush=True)
+        print(f"{desc}  loss {loss:.2f}  mse {mse:.5f}  kl {kl:.2f}  gamma {gamma:.4f}  var_law "
+              f"{stats['var_law']:.3f}  inactive {stats['inactive']}/{len(e_var)} (E[sigma]: "
+              f"{stats['inactive_code']})  lr {lr:.2e}  {todo / seconds:.0f} img/s  "
+              f"{seconds:.1f}s", flush=True)
         grids = (epoch + 1) % args.sample_every == 0 or epoch + 1 == cfg["epochs"]
         write_pictures(history, m1, model if stage == 2 else None, fixed, out, cfg["seed"], grids)
 
 
 # --- Settings, data and stage links: the rules of the module docstring -----------------------
 def configure(args):
-    """The run's settings and the checkpoints it uses ({stage: checkpoint}), all checked."""
+    """The run's settings, the checkpoints it uses ({stage: checkpoint}) and the settings' source,
+    all checked."""
     stage, out, old = 1 if args.eval else args.stage, args.out, args.resume or args.eval
     if not args.eval and stage == 1 and os.path.exists(ckpt(out, 2)):
         raise DataError(f"{ckpt(out, 2)} was trained on stage 1 as it is now: move stage2.pt "
@@ -217,10 +212,10 @@ def configure(args):
         side = (fixed.get("img_size") or flags.get("img_size")
                 or data.choose_img_size(dataset, args.data_dir or "data")[0])
         cfg = paper_defaults(dataset, side, stage) | flags | fixed
-        name = dict(cifar10="CIFAR-10", celeba="CelebA")[paper_for(dataset, side)]
-        source = f"the paper's {name} settings" + f" and {src}'s data and network" * (
-            stage == 2) + "".join(f", {words(k, v)}" for k, v in flags.items() if k not in fixed)
         cfg["stage1_epoch"] = cks[1]["epoch"] if stage == 2 else None
+        source = f"the paper's {paper_for(dataset, side)} settings" + "".join(
+            [f" and {src}'s data and network"] * (stage == 2)
+            + [f", {words(k, v)}" for k, v in flags.items() if k not in fixed])
     cfg["epochs"] = args.epochs or cfg["epochs"]  # the one setting a resume may change
     cfg["data_dir"] = os.path.abspath(args.data_dir or cfg.get("data_dir") or "data")
     now = {s: data.split_size(cfg["dataset"], s, cfg["data_dir"]) for s in ("train", "test")}
@@ -239,17 +234,15 @@ def configure(args):
     return cfg, cks, source + f", --epochs {args.epochs}" * bool(args.epochs)
 
 
-def given(args):
-    """The settings given as flags: one left out is None, so it never contradicts anything."""
+def given(args):  # a flag left out is None, so it never contradicts anything
     return {k: getattr(args, k) for k in FLAGS if getattr(args, k) is not None}
 
 
-def words(key, value):
-    """A setting as a user says it: the flag and its value, or what None means."""
-    flag = "--" + key.replace("_", "-")
+def words(key, value):  # a setting as a user says it: the flag and its value, or what None means
     if value is None:
         return {"jpeg": "no JPEG round trip", "limit": "all images"}[key]
-    return f"{flag} {value:g}" if isinstance(value, float) else f"{flag} {value}"
+    return f"--{key.replace('_', '-')} {value:g}" if isinstance(value, float) else \
+        f"--{key.replace('_', '-')} {value}"
 
 
 def ckpt(out, stage):
@@ -268,25 +261,23 @@ def load_checkpoint(out, stage, device):
                         "train again, or point --out at an intact run") from None
 
 
-def build(cfg, stage):
-    if stage == 2:
-        return vae.SecondStage(cfg["latent_dim"], cfg["second_dim"], cfg["second_depth"],
-                               cfg["gamma"])
+def build(cfg, stage, device="cpu", state=None):
+    """The stage's network from its settings (and weights: a checkpoint's rebuild it)."""
     try:
-        return vae.VAE(cfg["img_size"], *(cfg[k] for k in ARCH1), gamma=cfg["gamma"])
+        model = vae.SecondStage(cfg["latent_dim"], cfg["second_dim"], cfg["second_depth"],
+                                cfg["gamma"]) if stage == 2 else vae.VAE(
+            cfg["img_size"], *(cfg[k] for k in ARCH1), gamma=cfg["gamma"])
     except ValueError as e:  # checked before any data is decoded
         raise DataError(f"{e}: choose another --img-size or --num-scale") from None
-
-
-def load_model(ck, stage, device):
-    model = build(ck["config"], stage).to(device, memory_format=torch.channels_last)
-    model.load_state_dict(ck["model"])
-    return model.eval()
+    model = model.to(device, memory_format=torch.channels_last)
+    if state is not None:
+        model.load_state_dict(state)
+    return model
 
 
 def load_split(cfg, split):
-    return data.load_split(cfg["dataset"], split, cfg["data_dir"], cfg["img_size"],
-                           cfg["resize"], cfg["jpeg"])
+    return data.load_split(cfg["dataset"], split, cfg["data_dir"], cfg["img_size"], cfg["resize"],
+                           cfg["jpeg"])
 
 
 # --- Evaluation (paper 4-5): REC, GEN-1, GEN-2 FID on 10,000 test images, mse, eq. 6, fn. 3 --
@@ -298,10 +289,10 @@ def evaluate(args):
     if not args.no_fid:  # first: offline, the weights fail in seconds, not after the sampling
         import fid
         net = fid.load_inception(args.inception, args.inception_weights, dev)
-    m1, m2 = (load_model(cks[s], s, dev) if s in cks else None for s in (1, 2))
-    steps = cks[1]["epoch"] * (min(cfg["limit"] or 2**62, cfg["images"]["train"]) // cfg[
-        "batch_size"])
-    if steps < 1000:  # 0.999^1000 = 0.37: a third of the initial values still in the averages
+    m1, m2 = (build(cks[s]["config"], s, dev, cks[s]["model"]).eval() if s in cks else None
+              for s in (1, 2))
+    n_train = min(cfg["limit"] or math.inf, cfg["images"]["train"])
+    if (steps := cks[1]["epoch"] * int(n_train // cfg["batch_size"])) < 1000:  # 0.999^1000 = 0.37
         print(f"note: stage 1 has trained {steps} steps; batch norm's moving averages (decay "
               f"0.999) still hold {0.999 ** steps:.0%} of their initial values, so the mse and "
               "pictures here lag far behind training's until about 1,000-3,000 steps")
@@ -361,28 +352,31 @@ def decode_all(m1, z, desc="decoding"):
     return np.concatenate([data.to_uint8(m1.decode(c)) for c in chunks])
 
 
-def save_grid(images, path, title, recon=None, ncol=8, pad=2, top=20, left=60):
-    """uint8 images (N, H, W, 3) in rows of `ncol` under a title, enlarged to at least 64 px;
+def save_png(pixels, path, texts):
+    """A uint8 (H, W, 3) array and its words [(x, y, text, colour)] as a PNG, written whole."""
+    img = Image.fromarray(pixels)
+    for x, y, text, colour in texts:
+        ImageDraw.Draw(img).multiline_text((x, y), text, fill=colour)
+    data.atomic_write(path, lambda f: img.save(f, format="PNG"))
+
+
+def save_grid(images, path, title, recon=None, ncol=8, pad=2, top=20):
+    """uint8 images (N, H, W, 3) in rows of `ncol` under a title, 32 px ones at twice their size;
     with `recon`, rows of originals alternate with rows of their reconstructions, each named."""
-    if recon is None:
-        left = 0
-    else:  # whole rows only
+    left = 0 if recon is None else 60
+    if recon is not None:  # whole rows only
         n, shape = len(images) // ncol * ncol, (-1, ncol, *images.shape[1:])
         images = np.stack([images[:n].reshape(shape), recon[:n].reshape(shape)], 1)
-    images = images.reshape(-1, *images.shape[-3:])
-    k = max(1, 64 // images.shape[1])  # a 32 px image is small on screen: shown at 2x
-    images = images.repeat(k, 1).repeat(k, 2)
+    k = max(1, 64 // images.shape[-2])  # at least 64 px on screen
+    images = images.reshape(-1, *images.shape[-3:]).repeat(k, 1).repeat(k, 2)
     (n, h, w, _), rows = images.shape, -(-len(images) // ncol)
     grid = np.full((top + rows * (h + pad) + pad, left + ncol * (w + pad) + pad, 3), 255, np.uint8)
     for i, img in enumerate(images):
         y, x = top + pad + i // ncol * (h + pad), left + pad + i % ncol * (w + pad)
         grid[y:y + h, x:x + w] = img
-    img = Image.fromarray(grid)
-    d = ImageDraw.Draw(img)
-    d.text((pad, 5), title, fill="black")
-    for r in range(rows) if left else ():
-        d.text((pad, top + r * (h + pad) + h // 2), ("original", "recon")[r % 2], fill="black")
-    data.atomic_write(path, lambda f: img.save(f, format="PNG"))
+    names = [(pad, top + r * (h + pad) + h // 2, ("original", "recon")[r % 2], "black")
+             for r in range(rows)] if left else []
+    save_png(grid, path, [(pad, 5, title, "black")] + names)
 
 
 def write_pictures(history, m1, m2, fixed, out, seed, grids):
@@ -400,23 +394,20 @@ def write_pictures(history, m1, m2, fixed, out, seed, grids):
     canvas = np.full((top + h + 8, w + 120, 3), 255, np.uint8)
     canvas[top:top + len(cells), 8:8 + w] = cells
     canvas[top:top + h, w + 28:w + 40] = colours(np.linspace(1, 0, h))[:, None]  # 1 at the top
-    img = Image.fromarray(canvas)
-    d = ImageDraw.Draw(img)
-    d.multiline_text((8, 6), f"stage {stage}: E[sigma^2] of each latent (a row, sorted by the "
-                     f"epoch it\nbecame active) in epochs 1-{epochs} (the columns, left to right)",
-                     fill="black")
-    for t in (0, 0.5, 0.8, 1):
-        y, colour = top + round((1 - t) * (h - 1)), "red" if t == 0.8 else "black"
-        d.line([w + 25, y, w + 43, y], fill=colour)
-        d.text((w + 46, y - 5), f"{t:g}" + " inactive" * (t == 0.8), fill=colour)
-    path = os.path.join(out, f"latent_variance{'2' * (stage == 2)}.png")
-    data.atomic_write(path, lambda f: img.save(f, format="PNG"))
+    ticks = [(t, top + round((1 - t) * (h - 1)), "red" if t == 0.8 else "black")
+             for t in (0, 0.5, 0.8, 1)]
+    for t, y, colour in ticks:
+        canvas[y, w + 25:w + 44] = (255, 0, 0) if t == 0.8 else 0
+    save_png(canvas, os.path.join(out, f"latent_variance{'2' * (stage == 2)}.png"), [(
+        8, 6, f"stage {stage}: E[sigma^2] of each latent (a row, sorted by the epoch it\nbecame "
+        f"active) in epochs 1-{epochs} (the columns, left to right)", "black")] + [
+        (w + 46, y - 5, f"{t:g}" + " inactive" * (t == 0.8), c) for t, y, c in ticks])
     if not grids:
         return
     # Batch statistics, as in training, on a copy: the grids follow the printed training mse
     # from the first epoch, while the moving averages --eval uses lag a short run behind.
     m1, g = copy.deepcopy(m1).train(), torch.Generator().manual_seed(seed)
-    tag, gen = f"{'stage2_' * (stage == 2)}e{epochs:04d}", f"GEN-{stage}"
+    tag = f"{'stage2_' * (stage == 2)}e{epochs:04d}"
     if fixed is not None:
         x = fixed.float() / 255
         save_grid(data.to_uint8(x), os.path.join(out, f"recon_{tag}.png"), f"stage 1 epoch "
@@ -424,17 +415,17 @@ def write_pictures(history, m1, m2, fixed, out, seed, grids):
                   data.to_uint8(vae.reconstruct(m1, x, g)[0]))
     z = vae.sample_latents(m1, m2, 64, g, next(m1.parameters()).device)
     save_grid(decode_all(m1, z), os.path.join(out, f"samples_{tag}.png"),
-              f"{gen} samples, stage {stage} epoch {epochs}")
+              f"GEN-{stage} samples, stage {stage} epoch {epochs}")
 
 
 # --- Command line: every flag checked before any data is decoded ----------------------------
-def parse_args(argv=None):
+def parse_args(argv):
     p = argparse.ArgumentParser(usage="python train.py [flags]; --help lists them", description=
                                 "Two-stage VAE with computed gamma (Asperti & Trentin 2020).")
     a = p.add_argument
     for k, (kind, text) in FLAGS.items():
-        a("--" + k.replace("_", "-"), help=text, **{"choices" if isinstance(kind, tuple)
-                                                    else "type": kind})
+        a("--" + k.replace("_", "-"), help=text, **{
+            "choices" if isinstance(kind, tuple) else "type": kind})
     a("--data-dir", help="data and its caches (default data); for folder, the image tree")
     a("--stage", type=int, default=1, choices=(1, 2), help="1: image VAE; 2: VAE on latents")
     a("--eval", action="store_true", help="evaluate stage1.pt (and stage2.pt) in --out")
@@ -456,8 +447,8 @@ def parse_args(argv=None):
       "law (paper 4.2)")
     args = p.parse_args(argv)
     for k, v in vars(args).items():  # numbers in range: --lr above 0, --jpeg 1-95, counts >= 1
-        low, high = {"lr": (1e-12, 1e3), "kl_weight": (0, 1e9), "l2": (0, 1e9),
-                     "seed": (0, 2**32), "jpeg": (1, 95)}.get(k, (1, 2**40))
+        low, high = dict(lr=(1e-12, 1e3), kl_weight=(0, 1e9), l2=(0, 1e9), seed=(0, 2**32),
+                         jpeg=(1, 95)).get(k, (1, 2**40))
         if type(v) in (int, float) and not low <= v <= high:  # NaN is in no range
             raise DataError(f"--{k.replace('_', '-')} {v} is out of range: give a number from "
                             f"{low:g} to {high:g} (--help lists the flags)")
@@ -479,9 +470,9 @@ def describe(dev):  # what the speed depends on: the GPU, or the CPU threads tor
             else f"{dev} ({torch.get_num_threads()} threads)")
 
 
-# --- --bench: training speed on synthetic data of the dataset's shape (no download) ----------
 def bench(args, warmup=3, steps=10):
-    """A plain fp32 step (NCHW memory, no autocast, no compile), then the step as configured."""
+    """--bench: a plain fp32 step (NCHW memory, no autocast, no compile), then the step as
+    configured, on synthetic data of the dataset's shape (no download)."""
     dev, dataset, stage = args.device, args.dataset or "cifar10", args.stage
     side = args.img_size or (32 if dataset == "cifar10" else 64)
     cfg = paper_defaults(dataset, side, stage) | given(args)
@@ -490,14 +481,13 @@ def bench(args, warmup=3, steps=10):
     plain, dts = argparse.Namespace(**{**vars(args), "amp": "none", "compile": False}), []
     for name, fmt, a in (("plain fp32 NCHW step", torch.contiguous_format, plain),
                          (f"amp {args.amp}, compile {args.compile}", torch.channels_last, args)):
-        model = build(cfg, stage).to(dev, memory_format=fmt)
+        model = build(cfg, stage, dev).to(memory_format=fmt)
         step = make_step(model, make_optimizer(model, cfg["lr"], dev), cfg, a)
-        xf = x.contiguous(memory_format=fmt) if stage == 1 else x
         for n in (warmup, steps):  # the second round timed, queued GPU work included
             sync()
             t0 = time.perf_counter()
             for _ in range(n):
-                step(xf)
+                step(x.contiguous(memory_format=fmt) if stage == 1 else x)
             sync()
         dts.append((time.perf_counter() - t0) / steps)
         print(f"{describe(dev)}, stage {stage}, {dataset} {side}x{side}, batch {bs}, {name}: "
@@ -511,18 +501,15 @@ def main(argv=None):
         args = parse_args(argv)
         evaluate(args) if args.eval else bench(args) if args.bench else train(args)
     except DataError as e:
-        data.end_line()
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
-    except KeyboardInterrupt:  # a checkpoint is whole or absent (the docstring's files rule)
-        data.end_line()
+        sys.exit(print(f"error: {e}", file=sys.stderr) or 1)
+    except KeyboardInterrupt:  # a checkpoint is whole or absent: the last finished epoch
         command = " ".join(["python train.py", *map(shlex.quote, argv)])
-        if args and not (args.eval or args.bench) and os.path.exists(ckpt(args.out, args.stage)):
-            print(f"interrupted: {ckpt(args.out, args.stage)} keeps the last finished epoch; "
-                  f"continue with\n  {command}{' --resume' * ('--resume' not in argv)}",
-                  file=sys.stderr)
+        saved = args and not (args.eval or args.bench) and ckpt(args.out, args.stage)
+        if saved and os.path.exists(saved):
+            print(f"\ninterrupted: {saved} keeps the last finished epoch; continue with\n  "
+                  f"{command}{' --resume' * ('--resume' not in argv)}", file=sys.stderr)
         else:
-            print(f"interrupted: nothing was saved; start again with\n  {command}",
+            print(f"\ninterrupted: nothing was saved; start again with\n  {command}",
                   file=sys.stderr)
         sys.exit(130)
 
