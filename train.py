@@ -36,10 +36,11 @@ import vae
 from data import DataError
 
 # (stage 1, stage 2). CIFAR-10 (4.1): 700 epochs at 1e-4 halved every 200; stage 2 1400 epochs
-# halved every 100. CelebA: 5e-5 and 70 epochs (4.2; its Table 3 runs: 1e-4 halved every 48);
-# the halving every 60 / 120 and the 140 stage-2 epochs come from the released code's comments.
-PAPER = {"CIFAR-10": dict(epochs=(700, 1400), lr=(1e-4, 1e-4), halve_every=(200, 100)),
-         "CelebA": dict(epochs=(70, 140), lr=(5e-5, 5e-5), halve_every=(60, 120))}
+# halved every 100. CelebA: 5e-5 and 70 epochs (4.2; its Table 3 runs: 1e-4 halved every 48),
+# l2 0.001 on the resampling kernels; the halving every 60 / 120 and the 140 stage-2 epochs
+# come from the released code's comments.
+PAPER = {"CIFAR-10": dict(epochs=(700, 1400), lr=(1e-4, 1e-4), halve_every=(200, 100), l2=(0, 0)),
+         "CelebA": dict(epochs=(70, 140), lr=(5e-5, 5e-5), halve_every=(60, 120), l2=(1e-3, 0))}
 # The settings a flag may give: choices or type, and a help naming the paper's value. A flag
 # left out is None, so it never contradicts a checkpoint.
 DATA = dict(  # the data's settings: with each split's image count, its identity
@@ -64,20 +65,14 @@ FLAGS = DATA | dict(  # the network (Fig. 1) and the training (4.1, 4.2)
 ARCH1 = ("latent_dim", "base_dim", "fc_dim", "num_scale", "block_per_scale", "depth_per_block")
 
 
-def paper_for(dataset, side):  # CelebA's settings for its 64x64 images and any as large
-    return "CelebA" if dataset == "celeba" or side >= 64 else "CIFAR-10"
-
-
 def paper_defaults(dataset, side, stage):
-    """Every setting of a stage as the paper (or, where silent, the released code) has it."""
-    celeba, s = paper_for(dataset, side) == "CelebA", stage - 1
-    paper = PAPER[paper_for(dataset, side)]
-    return dict(
-        dataset=dataset, img_size=side, resize="bilinear", jpeg=None, limit=None, seed=0,
-        gamma="computed", batch_size=100, epochs=paper["epochs"][s], lr=paper["lr"][s],
-        halve_every=paper["halve_every"][s],
+    """Every setting of a stage as the paper (or, where silent, the released code) has it:
+    CelebA's for its 64x64 images and any as large, else CIFAR-10's."""
+    paper = "CelebA" if dataset == "celeba" or side >= 64 else "CIFAR-10"
+    return {k: v[stage - 1] for k, v in PAPER[paper].items()} | dict(
+        paper=paper, dataset=dataset, img_size=side, resize="bilinear", jpeg=None, limit=None,
+        seed=0, gamma="computed", batch_size=100,
         kl_weight=vae.kl_weight_for(side) if stage == 1 else 1.0,  # k = pixels/1024 (4.2)
-        l2=1e-3 if stage == 1 and celeba else 0.0,  # on the resampling kernels (4.2)
         latent_dim=64, base_dim=32, fc_dim=512, num_scale=max(1, int(math.log2(side)) - 2),
         block_per_scale=1, depth_per_block=2, second_dim=2048 if side <= 32 else 4096,
         second_depth=3)
@@ -90,8 +85,8 @@ def make_step(model, opt, cfg, args):
     # On CUDA a batch of 100 small images is bound by kernel launches, not arithmetic: CUDA
     # graphs ("reduce-overhead") replay the compiled forward and backward with one launch each.
     graphs = args.compile and args.device.type == "cuda"
-    net = torch.compile(model, mode="reduce-overhead" if graphs else None) if args.compile \
-        else model
+    mode = "reduce-overhead" if graphs else None
+    net = torch.compile(model, mode=mode) if args.compile else model
     amp = torch.autocast(args.device.type, torch.bfloat16, enabled=args.amp == "bf16")
 
     def step(x):
@@ -125,13 +120,14 @@ def lr_at(cfg, epoch):
 def train(args):
     (cfg, cks, source), stage, dev, out = configure(args), args.stage, args.device, args.out
     torch.manual_seed(cfg["seed"])
-    # a resume: the weights (gamma's estimate included) and Adam's moments
-    model = build(cfg, stage, dev, cks[stage]["model"] if stage in cks else None)
-    opt, start, history = make_optimizer(model, cfg["lr"], dev), 0, []
-    if stage in cks:
-        opt.load_state_dict(cks[stage]["optimizer"])
-        start, history = cks[stage]["epoch"], cks[stage]["history"]
-    split = load_split(cfg, "train")
+    ck = cks.get(stage, {})  # a resume's: the weights (gamma's estimate too), Adam's moments
+    model = build(cfg, stage, dev, ck.get("model"))
+    opt, start, history = make_optimizer(model, cfg["lr"], dev), ck.get("epoch", 0), []
+    if ck:
+        opt.load_state_dict(ck["optimizer"])
+        history = ck["history"]
+    split = data.load_split(cfg["dataset"], "train", cfg["data_dir"], cfg["img_size"],
+                            cfg["resize"], cfg["jpeg"])
     images, bs = data.subset(split, cfg["limit"], cfg["seed"]), cfg["batch_size"]
     m1, fixed = model, None  # the pictures' stage 1, and the 32 images its grids reconstruct
     if stage == 1:
@@ -154,8 +150,8 @@ def train(args):
             group["lr"] = lr = lr_at(cfg, epoch)
         # the step's noise, like the batches' order, from (seed, epoch): a resume needs no saved
         # state. Seeded by a draw, so it is not the batches' own stream over again.
-        torch.manual_seed(int(torch.randint(2**62, (), generator=data.epoch_generator(
-            cfg["seed"], epoch))))
+        g = data.epoch_generator(cfg["seed"], epoch)
+        torch.manual_seed(int(torch.randint(2**62, (), generator=g)))
         t0, rec, desc = time.time(), [], f"stage {stage} epoch {epoch + 1}/{cfg['epochs']}"
         model.train()
         for x in data.progress(epochs(epoch), todo, desc, leave=False):
@@ -186,8 +182,8 @@ def train(args):
 
 # --- Settings, data and stage links: the rules of the module docstring -----------------------
 def configure(args):
-    """The run's settings, the checkpoints it uses ({stage: checkpoint}) and the settings' source,
-    all checked."""
+    """The run's settings, the checkpoints it uses ({stage: checkpoint}) and where its settings
+    come from, all checked."""
     stage, out, old = 1 if args.eval else args.stage, args.out, args.resume or args.eval
     if not args.eval and stage == 1 and os.path.exists(ckpt(out, 2)):
         raise DataError(f"{ckpt(out, 2)} was trained on stage 1 as it is now: move stage2.pt "
@@ -206,16 +202,15 @@ def configure(args):
         if k in fixed and fixed[k] != v:
             raise DataError(f"{words(k, v)} contradicts {src}, made with {words(k, fixed[k])}: "
                             "leave the flag out, or choose another --out")
-    cfg, source = dict(fixed), f"{src}'s"
+    cfg, source = dict(fixed), [f"{src}'s"]
     if not own:
         dataset = fixed.get("dataset") or flags.get("dataset", "cifar10")
         side = (fixed.get("img_size") or flags.get("img_size")
                 or data.choose_img_size(dataset, args.data_dir or "data")[0])
         cfg = paper_defaults(dataset, side, stage) | flags | fixed
         cfg["stage1_epoch"] = cks[1]["epoch"] if stage == 2 else None
-        source = f"the paper's {paper_for(dataset, side)} settings" + "".join(
-            [f" and {src}'s data and network"] * (stage == 2)
-            + [f", {words(k, v)}" for k, v in flags.items() if k not in fixed])
+        source = [f"the paper's {cfg['paper']} settings" + f" and {src}'s data and network" * (
+            stage == 2)] + [words(k, v) for k, v in flags.items() if k not in fixed]
     cfg["epochs"] = args.epochs or cfg["epochs"]  # the one setting a resume may change
     cfg["data_dir"] = os.path.abspath(args.data_dir or cfg.get("data_dir") or "data")
     now = {s: data.split_size(cfg["dataset"], s, cfg["data_dir"]) for s in ("train", "test")}
@@ -231,7 +226,7 @@ def configure(args):
     if not args.eval and stage in cks and cks[stage]["epoch"] >= cfg["epochs"]:
         raise DataError(f"{ckpt(out, stage)} has trained {cks[stage]['epoch']} epochs already: "
                         "pass a larger --epochs (the stage's total) to train more")
-    return cfg, cks, source + f", --epochs {args.epochs}" * bool(args.epochs)
+    return cfg, cks, ", ".join(source + [f"--epochs {args.epochs}"] * bool(args.epochs))
 
 
 def given(args):  # a flag left out is None, so it never contradicts anything
@@ -241,8 +236,7 @@ def given(args):  # a flag left out is None, so it never contradicts anything
 def words(key, value):  # a setting as a user says it: the flag and its value, or what None means
     if value is None:
         return {"jpeg": "no JPEG round trip", "limit": "all images"}[key]
-    return f"--{key.replace('_', '-')} {value:g}" if isinstance(value, float) else \
-        f"--{key.replace('_', '-')} {value}"
+    return f"--{key.replace('_', '-')} {f'{value:g}' if isinstance(value, float) else value}"
 
 
 def ckpt(out, stage):
@@ -262,7 +256,7 @@ def load_checkpoint(out, stage, device):
 
 
 def build(cfg, stage, device="cpu", state=None):
-    """The stage's network from its settings (and weights: a checkpoint's rebuild it)."""
+    """The stage's network from its settings, and a checkpoint's weights if given."""
     try:
         model = vae.SecondStage(cfg["latent_dim"], cfg["second_dim"], cfg["second_depth"],
                                 cfg["gamma"]) if stage == 2 else vae.VAE(
@@ -273,11 +267,6 @@ def build(cfg, stage, device="cpu", state=None):
     if state is not None:
         model.load_state_dict(state)
     return model
-
-
-def load_split(cfg, split):
-    return data.load_split(cfg["dataset"], split, cfg["data_dir"], cfg["img_size"], cfg["resize"],
-                           cfg["jpeg"])
 
 
 # --- Evaluation (paper 4-5): REC, GEN-1, GEN-2 FID on 10,000 test images, mse, eq. 6, fn. 3 --
@@ -291,12 +280,15 @@ def evaluate(args):
         net = fid.load_inception(args.inception, args.inception_weights, dev)
     m1, m2 = (build(cks[s]["config"], s, dev, cks[s]["model"]).eval() if s in cks else None
               for s in (1, 2))
+    # batch norm's debiased moving averages (decay 0.999) weigh the statistics of the last
+    # ~1,000 steps: after fewer, the untrained network's first ones weigh as much as the last
     n_train = min(cfg["limit"] or math.inf, cfg["images"]["train"])
-    if (steps := cks[1]["epoch"] * int(n_train // cfg["batch_size"])) < 1000:  # 0.999^1000 = 0.37
+    if (steps := cks[1]["epoch"] * int(n_train // cfg["batch_size"])) < 1000:
         print(f"note: stage 1 has trained {steps} steps; batch norm's moving averages (decay "
-              f"0.999) still hold {0.999 ** steps:.0%} of their initial values, so the mse and "
-              "pictures here lag far behind training's until about 1,000-3,000 steps")
-    split = load_split(cfg, "test")
+              "0.999) weigh all of them almost alike, the untrained first ones too, so the mse "
+              "and pictures here lag far behind training's until about 1,000-3,000 steps")
+    split = data.load_split(cfg["dataset"], "test", cfg["data_dir"], cfg["img_size"],
+                            cfg["resize"], cfg["jpeg"])
     # n test images drawn from the seed when the split is larger: a folder sorted by class, or
     # CelebA's 19,962, of which the released code evaluates a random 10,000
     n = min(args.n_eval, len(split))
@@ -319,9 +311,9 @@ def evaluate(args):
                args.latent_norm, epochs=cks[1]["epoch"], epochs2=m2 and cks[2]["epoch"])
     if not args.no_fid:  # the real side cached per data protocol, network and n, beside the
         # split's own cache (never inside a user's image folder)
-        name = "_".join(["fid_stats", cfg["dataset"], "test", cfg["resize"],
-                         f"{cfg['img_size']}px"] + [f"jpeg{cfg['jpeg']}"] * bool(cfg["jpeg"])
-                        + [f"seed{cfg['seed']}"] * (n < len(split)) + [f"n{n}", args.inception])
+        name = "_".join(["fid_stats", cfg["dataset"], "test", cfg["resize"], f"{cfg['img_size']}px"]
+                        + [f"jpeg{cfg['jpeg']}"] * bool(cfg["jpeg"]) + [f"seed{cfg['seed']}"] * (
+                            n < len(split)) + [f"n{n}", args.inception])
         real = fid.cached_stats(os.path.join(os.path.dirname(split.filename), name + ".npz"),
                                 lambda: fid.feature_stats(net, test, desc="FID real"))
         for k, imgs in sets.items():
@@ -352,31 +344,29 @@ def decode_all(m1, z, desc="decoding"):
     return np.concatenate([data.to_uint8(m1.decode(c)) for c in chunks])
 
 
-def save_png(pixels, path, texts):
-    """A uint8 (H, W, 3) array and its words [(x, y, text, colour)] as a PNG, written whole."""
-    img = Image.fromarray(pixels)
-    for x, y, text, colour in texts:
-        ImageDraw.Draw(img).multiline_text((x, y), text, fill=colour)
-    data.atomic_write(path, lambda f: img.save(f, format="PNG"))
-
-
-def save_grid(images, path, title, recon=None, ncol=8, pad=2, top=20):
-    """uint8 images (N, H, W, 3) in rows of `ncol` under a title, 32 px ones at twice their size;
-    with `recon`, rows of originals alternate with rows of their reconstructions, each named."""
+def save_grid(images, path, title, recon=None, texts=(), ncol=8, pad=2, top=20):
+    """uint8 images (N, H, W, 3) in rows of `ncol` under a title, enlarged to at least 64 px;
+    with `recon`, rows of originals alternate with rows of their reconstructions, each named;
+    `texts` [(x, y, text, colour)] are written over the first image."""
     left = 0 if recon is None else 60
     if recon is not None:  # whole rows only
         n, shape = len(images) // ncol * ncol, (-1, ncol, *images.shape[1:])
         images = np.stack([images[:n].reshape(shape), recon[:n].reshape(shape)], 1)
-    k = max(1, 64 // images.shape[-2])  # at least 64 px on screen
+    k = max(1, 64 // images.shape[-2])  # a 32 px image is small on screen: twice its size
     images = images.reshape(-1, *images.shape[-3:]).repeat(k, 1).repeat(k, 2)
     (n, h, w, _), rows = images.shape, -(-len(images) // ncol)
     grid = np.full((top + rows * (h + pad) + pad, left + ncol * (w + pad) + pad, 3), 255, np.uint8)
     for i, img in enumerate(images):
         y, x = top + pad + i // ncol * (h + pad), left + pad + i % ncol * (w + pad)
         grid[y:y + h, x:x + w] = img
-    names = [(pad, top + r * (h + pad) + h // 2, ("original", "recon")[r % 2], "black")
-             for r in range(rows)] if left else []
-    save_png(grid, path, [(pad, 5, title, "black")] + names)
+    img = Image.fromarray(grid)
+    draw = ImageDraw.Draw(img)
+    draw.multiline_text((pad, 5), title, fill="black")
+    for r in range(rows) if left else ():
+        draw.text((pad, top + r * (h + pad) + h // 2), ("original", "recon")[r % 2], fill="black")
+    for x, y, text, colour in texts:
+        draw.text((left + pad + x, top + pad + y), text, fill=colour)
+    data.atomic_write(path, lambda f: img.save(f, format="PNG"))
 
 
 def write_pictures(history, m1, m2, fixed, out, seed, grids):
@@ -384,24 +374,24 @@ def write_pictures(history, m1, m2, fixed, out, seed, grids):
     by the epoch each became active) and epoch (columns), dark blue 0 (active) to yellow 1, with
     a colour scale marking footnote 3's threshold 0.8; every --sample-every epochs the sample
     grids, drawn with the same noise each time."""
-    stage, epochs, top = history[-1]["stage"], len(history), 36
+    stage, epochs = history[-1]["stage"], len(history)
     v = np.array([r["latent_var"] for r in history]).T  # (latents, epochs)
     first = np.where(v < 0.8, np.arange(epochs), epochs).min(1)  # the epoch it left the limbo
     colours = lambda a: np.stack([np.interp(a, (0, 0.5, 1), c) for c in (  # R, G, B at 0, .5, 1
         (20, 40, 250), (30, 150, 230), (90, 140, 60))], -1).astype(np.uint8)
     cells = colours(v[np.lexsort((v[:, -1], first))]).repeat(6, 0).repeat(max(1, 600 // epochs), 1)
     h, w = max(len(cells), 100), cells.shape[1]
-    canvas = np.full((top + h + 8, w + 120, 3), 255, np.uint8)
-    canvas[top:top + len(cells), 8:8 + w] = cells
-    canvas[top:top + h, w + 28:w + 40] = colours(np.linspace(1, 0, h))[:, None]  # 1 at the top
-    ticks = [(t, top + round((1 - t) * (h - 1)), "red" if t == 0.8 else "black")
-             for t in (0, 0.5, 0.8, 1)]
-    for t, y, colour in ticks:
-        canvas[y, w + 25:w + 44] = (255, 0, 0) if t == 0.8 else 0
-    save_png(canvas, os.path.join(out, f"latent_variance{'2' * (stage == 2)}.png"), [(
-        8, 6, f"stage {stage}: E[sigma^2] of each latent (a row, sorted by the epoch it\nbecame "
-        f"active) in epochs 1-{epochs} (the columns, left to right)", "black")] + [
-        (w + 46, y - 5, f"{t:g}" + " inactive" * (t == 0.8), c) for t, y, c in ticks])
+    canvas = np.full((h, w + 110, 3), 255, np.uint8)
+    canvas[:len(cells), :w] = cells
+    canvas[:, w + 20:w + 32] = colours(np.linspace(1, 0, h))[:, None]  # the scale, 1 at the top
+    ticks = [(t, round((1 - t) * (h - 1))) for t in (0, 0.5, 0.8, 1)]
+    for t, y in ticks:
+        canvas[y, w + 17:w + 36] = (255, 0, 0) if t == 0.8 else 0
+    save_grid(canvas[None], os.path.join(out, f"latent_variance{'2' * (stage == 2)}.png"),
+              f"stage {stage}: E[sigma^2] of each latent (a row, sorted by the epoch it\nbecame "
+              f"active) in epochs 1-{epochs} (the columns, left to right)", ncol=1, top=34, texts=[
+                  (w + 38, y - 5, f"{t:g}" + " inactive" * (t == 0.8), "red" if t == 0.8
+                   else "black") for t, y in ticks])
     if not grids:
         return
     # Batch statistics, as in training, on a copy: the grids follow the printed training mse
@@ -420,8 +410,8 @@ def write_pictures(history, m1, m2, fixed, out, seed, grids):
 
 # --- Command line: every flag checked before any data is decoded ----------------------------
 def parse_args(argv):
-    p = argparse.ArgumentParser(usage="python train.py [flags]; --help lists them", description=
-                                "Two-stage VAE with computed gamma (Asperti & Trentin 2020).")
+    p = argparse.ArgumentParser(usage="python train.py [flags]; --help lists them",
+                                description=__doc__.splitlines()[0])
     a = p.add_argument
     for k, (kind, text) in FLAGS.items():
         a("--" + k.replace("_", "-"), help=text, **{
@@ -440,11 +430,10 @@ def parse_args(argv):
       "(default: on for stage 1 on CUDA, where it was measured: 3x the images/s on an H200)")
     a("--n-eval", type=int, default=10000, help="--eval: test images and samples (paper: 10000)")
     a("--no-fid", action="store_true", help="--eval: mse and latent statistics only")
-    a("--inception", default="torchvision", choices=("torchvision", "tf"), help="--eval: FID "
-      "weights; tf gives FIDs comparable with the paper's")
+    a("--inception", default="torchvision", choices=("torchvision", "tf"),
+      help="--eval: FID weights; tf gives FIDs comparable with the paper's")
     a("--inception-weights", help="--eval: a local Inception weights file (offline machines)")
-    a("--latent-norm", action="store_true", help="--eval: GEN-2 latents scaled to the variance "
-      "law (paper 4.2)")
+    a("--latent-norm", action="store_true", help="--eval: GEN-2 latents scaled (paper 4.2)")
     args = p.parse_args(argv)
     for k, v in vars(args).items():  # numbers in range: --lr above 0, --jpeg 1-95, counts >= 1
         low, high = dict(lr=(1e-12, 1e3), kl_weight=(0, 1e9), l2=(0, 1e9), seed=(0, 2**32),
@@ -504,13 +493,10 @@ def main(argv=None):
         sys.exit(print(f"error: {e}", file=sys.stderr) or 1)
     except KeyboardInterrupt:  # a checkpoint is whole or absent: the last finished epoch
         command = " ".join(["python train.py", *map(shlex.quote, argv)])
-        saved = args and not (args.eval or args.bench) and ckpt(args.out, args.stage)
-        if saved and os.path.exists(saved):
-            print(f"\ninterrupted: {saved} keeps the last finished epoch; continue with\n  "
-                  f"{command}{' --resume' * ('--resume' not in argv)}", file=sys.stderr)
-        else:
-            print(f"\ninterrupted: nothing was saved; start again with\n  {command}",
-                  file=sys.stderr)
+        kept = args and not (args.eval or args.bench) and ckpt(args.out, args.stage)
+        print(f"\ninterrupted: {kept} keeps the last finished epoch; continue with\n  {command}"
+              + " --resume" * ("--resume" not in argv) if kept and os.path.exists(kept) else
+              f"\ninterrupted: nothing was saved; start again with\n  {command}", file=sys.stderr)
         sys.exit(130)
 
 
