@@ -490,8 +490,8 @@ def test_eval_after_fewer_than_1000_steps_says_the_moving_averages_lag(tiny, cap
 def tiles(path, n, recon=False, side=16, ncol=8, pad=2):
     """The first n images of a grid written by train.save_grid: below its 20-px title, right of
     a recon grid's 60-px row names, each enlarged 4x (16 px to 64) and read back at 1x."""
-    grid, s = np.asarray(Image.open(path))[20:, 60 * recon:], 4 * side + pad
-    return np.stack([grid[pad + r * s:pad + r * s + 4 * side:4, pad + c * s:pad + c * s + 4 * side:4]
+    grid, s = np.asarray(Image.open(path))[20 + pad:, 60 * recon + pad:], 4 * side + pad
+    return np.stack([grid[r * s:r * s + 4 * side:4, c * s:c * s + 4 * side:4]
                      for r, c in (divmod(i, ncol) for i in range(n))])
 
 

@@ -4,11 +4,6 @@
     python train.py --dataset cifar10 --stage 2   # stage-2 VAE on the stage-1 latents
     python train.py --dataset cifar10 --eval      # REC / GEN-1 / GEN-2 FID, mse, variance law
 
-Settings: a new run takes the paper's for its dataset, image size and stage (4.1, 4.2; where it
-is silent, the released code's), then the flags given; --resume, stage 2 and --eval take them
-from the checkpoint and refuse a flag given that contradicts it. The data is its settings and
-each split's image count. stage2.pt records its stage-1 epoch. Files are written whole.
-
 Deviations from the paper and the released code:
 - Epoch e's order and noise come from (seed, e): a resume repeats an uninterrupted run.
 - The per-epoch grids use batch statistics, --eval the moving averages as the paper does; the
@@ -41,8 +36,7 @@ from data import DataError
 # come from the released code's comments.
 PAPER = {"CIFAR-10": dict(epochs=(700, 1400), lr=(1e-4, 1e-4), halve_every=(200, 100), l2=(0, 0)),
          "CelebA": dict(epochs=(70, 140), lr=(5e-5, 5e-5), halve_every=(60, 120), l2=(1e-3, 0))}
-# The settings a flag may give: choices or type, and a help naming the paper's value. A flag
-# left out is None, so it never contradicts a checkpoint.
+# The settings flags give: choices or type, and the paper's value; a flag left out is None.
 DATA = dict(  # the data's settings: with each split's image count, its identity
     dataset=(data.DATASETS, "cifar10 (default), celeba, folder (any images)"),
     img_size=(int, "image side: 32 (cifar10), 64 (celeba), a folder's own"),
@@ -182,8 +176,11 @@ def train(args):
 
 # --- Settings, data and stage links: the rules of the module docstring -----------------------
 def configure(args):
-    """The run's settings, the checkpoints it uses ({stage: checkpoint}) and where its settings
-    come from, all checked."""
+    """The run's settings, the checkpoints it uses ({stage: checkpoint}) and their source. A new
+    run takes the paper's settings for its dataset, image size and stage (4.1, 4.2; where it is
+    silent, the released code's), then the flags given; --resume, stage 2 and --eval take them
+    from the checkpoint and refuse a flag given that contradicts it. The data is its settings
+    and each split's image count. stage2.pt records its stage-1 epoch."""
     stage, out, old = 1 if args.eval else args.stage, args.out, args.resume or args.eval
     if not args.eval and stage == 1 and os.path.exists(ckpt(out, 2)):
         raise DataError(f"{ckpt(out, 2)} was trained on stage 1 as it is now: move stage2.pt "
@@ -280,8 +277,7 @@ def evaluate(args):
         net = fid.load_inception(args.inception, args.inception_weights, dev)
     m1, m2 = (build(cks[s]["config"], s, dev, cks[s]["model"]).eval() if s in cks else None
               for s in (1, 2))
-    # batch norm's debiased moving averages (decay 0.999) weigh the statistics of the last
-    # ~1,000 steps: after fewer, the untrained network's first ones weigh as much as the last
+    # batch norm's debiased averages (decay 0.999) weigh the statistics of the last ~1,000 steps
     n_train = min(cfg["limit"] or math.inf, cfg["images"]["train"])
     if (steps := cks[1]["epoch"] * int(n_train // cfg["batch_size"])) < 1000:
         print(f"note: stage 1 has trained {steps} steps; batch norm's moving averages (decay "
