@@ -906,6 +906,21 @@ class MeanPixel(nn.Module):
         return x.mean((2, 3))
 
 
+def test_eval_offline_fails_before_generating_and_writes_nothing(tiny, monkeypatch, capsys):
+    """No network and no --inception-weights: the error (URL and flag) comes before a single
+    image is reconstructed, and --out is left as it was."""
+    run, out = tiny
+    run("--epochs", "1")
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("no network")
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", offline)
+    monkeypatch.setattr(vae, "reconstruct", lambda *a: pytest.fail("generated before the weights"))
+    before = sorted(os.listdir(out))
+    err = fails(capsys, bare, out, "--eval")
+    assert fid.URLS["torchvision"] in err and "--inception-weights PATH" in err
+    assert sorted(os.listdir(out)) == before
+
+
 def test_real_statistics_are_cached_per_protocol(tiny, tmp_path, monkeypatch):
     """Two runs on the same folder, lossless and with --jpeg 75: each --eval writes its own
     statistics file, holding the mean and covariance of its own protocol's test images."""
