@@ -168,6 +168,8 @@ def feature_stats(model, images, batch_size=200, desc="features", total=None):
     finally:  # the caller's settings back
         torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = tf32
     feats = torch.cat(feats).numpy()
+    if len(feats) < 2:  # np.cov would divide by zero and the eigh fail
+        raise DataError(f"{desc}: {len(feats)} image; a covariance needs at least 2")
     if len(feats) < feats.shape[1]:
         print(f"warning: {desc}: {len(feats)} images < {feats.shape[1]} features, so the covariance"
               " is singular and the FID biased up: compare only at equal N (the paper's 10,000)",

@@ -2123,6 +2123,7 @@ def mixed_sizes(p):
 
 
 @pytest.mark.parametrize("setup, message", [
+    (lambda p: write_folder(p / "one", images(1)), "one: 1 image; a covariance needs at least 2"),
     (lambda p: write_folder(p / "empty", images(0)), "empty: neither .* nor a folder of images"),
     (unreadable_image, "cannot read the images from .*00.png on: .*03.png"),
     (mixed_sizes, "cannot read the images from .*00.png on: .*same shape"),
@@ -2130,7 +2131,7 @@ def mixed_sizes(p):
     (npz_without_sigma, "cannot read statistics .*mu.npz"),
     (image_array, "x.npy: neither a statistics .npz"),
     (lambda p: str(p / "missing.npz"), "missing.npz: neither"),
-], ids=["empty folder", "unreadable image", "mixed sizes", "junk npz",
+], ids=["one image", "empty folder", "unreadable image", "mixed sizes", "junk npz",
         "npz without sigma", "npy", "missing npz"])
 def test_cli_errors(weights, tmp_path, capsys, setup, message):
     source = setup(tmp_path)

@@ -486,13 +486,17 @@ def main(argv=None):
         args = parse_args(argv)
         evaluate(args) if args.eval else bench(args) if args.bench else train(args)
     except DataError as e:
-        sys.exit(print(f"error: {e}", file=sys.stderr) or 1)
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
     except KeyboardInterrupt:  # a checkpoint is whole or absent: the last finished epoch
         command = " ".join(["python train.py", *map(shlex.quote, argv)])
         kept = args and not (args.eval or args.bench) and ckpt(args.out, args.stage)
-        print(f"\ninterrupted: {kept} keeps the last finished epoch; continue with\n  {command}"
-              + " --resume" * ("--resume" not in argv) if kept and os.path.exists(kept) else
-              f"\ninterrupted: nothing was saved; start again with\n  {command}", file=sys.stderr)
+        if kept and os.path.exists(kept):
+            said = f"{kept} keeps the last finished epoch; continue with\n  {command}" + (
+                " --resume" * ("--resume" not in argv))
+        else:
+            said = f"nothing was saved; start again with\n  {command}"
+        print(f"\ninterrupted: {said}", file=sys.stderr)
         sys.exit(130)
 
 
