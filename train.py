@@ -115,11 +115,10 @@ def train(args):
     (cfg, cks, source), stage, dev, out = configure(args), args.stage, args.device, args.out
     torch.manual_seed(cfg["seed"])
     ck = cks.get(stage, {})  # a resume's: the weights (gamma's estimate too), Adam's moments
-    model = build(cfg, stage, dev, ck.get("model"))
-    opt, start, history = make_optimizer(model, cfg["lr"], dev), ck.get("epoch", 0), []
+    model, history = build(cfg, stage, dev, ck.get("model")), ck.get("history", [])
+    opt, start = make_optimizer(model, cfg["lr"], dev), ck.get("epoch", 0)
     if ck:
         opt.load_state_dict(ck["optimizer"])
-        history = ck["history"]
     split = data.load_split(cfg["dataset"], "train", cfg["data_dir"], cfg["img_size"],
                             cfg["resize"], cfg["jpeg"])
     images, bs = data.subset(split, cfg["limit"], cfg["seed"]), cfg["batch_size"]
@@ -177,10 +176,9 @@ def train(args):
 # --- Settings, data and stage links: the rules of the module docstring -----------------------
 def configure(args):
     """The run's settings, the checkpoints it uses ({stage: checkpoint}) and their source. A new
-    run takes the paper's settings for its dataset, image size and stage (4.1, 4.2; where it is
-    silent, the released code's), then the flags given; --resume, stage 2 and --eval take them
-    from the checkpoint and refuse a flag given that contradicts it. The data is its settings
-    and each split's image count. stage2.pt records its stage-1 epoch."""
+    run takes the paper's settings for its dataset, side and stage (4.1, 4.2; where it is silent,
+    the released code's), then the flags given; --resume, stage 2 and --eval take the checkpoint's
+    and refuse a flag that contradicts them. The data is its settings and its splits' sizes."""
     stage, out, old = 1 if args.eval else args.stage, args.out, args.resume or args.eval
     if not args.eval and stage == 1 and os.path.exists(ckpt(out, 2)):
         raise DataError(f"{ckpt(out, 2)} was trained on stage 1 as it is now: move stage2.pt "
@@ -192,7 +190,7 @@ def configure(args):
     cks = {s: load_checkpoint(out, s, args.device) for s in (1, 2) if s < stage or s == stage
            and old or args.eval and os.path.exists(ckpt(out, s))}
     own = cks.get(stage)  # a resume's or --eval's: every setting; a new stage 2: stage 1's data
-    src, flags = ckpt(out, stage if own else 1), given(args)
+    src, flags = ckpt(out, stage if own else 1), args.flags
     fixed = own["config"] if own else {k: cks[1]["config"][k] for k in
                                        (*DATA, *ARCH1, "images", "data_dir")} if cks else {}
     for k, v in flags.items():
@@ -205,7 +203,7 @@ def configure(args):
         side = (fixed.get("img_size") or flags.get("img_size")
                 or data.choose_img_size(dataset, args.data_dir or "data")[0])
         cfg = paper_defaults(dataset, side, stage) | flags | fixed
-        cfg["stage1_epoch"] = cks[1]["epoch"] if stage == 2 else None
+        cfg["stage1_epoch"] = cks[1]["epoch"] if stage == 2 else None  # the stage 1 it builds on
         source = [f"the paper's {cfg['paper']} settings" + f" and {src}'s data and network" * (
             stage == 2)] + [words(k, v) for k, v in flags.items() if k not in fixed]
     cfg["epochs"] = args.epochs or cfg["epochs"]  # the one setting a resume may change
@@ -224,10 +222,6 @@ def configure(args):
         raise DataError(f"{ckpt(out, stage)} has trained {cks[stage]['epoch']} epochs already: "
                         "pass a larger --epochs (the stage's total) to train more")
     return cfg, cks, ", ".join(source + [f"--epochs {args.epochs}"] * bool(args.epochs))
-
-
-def given(args):  # a flag left out is None, so it never contradicts anything
-    return {k: getattr(args, k) for k in FLAGS if getattr(args, k) is not None}
 
 
 def words(key, value):  # a setting as a user says it: the flag and its value, or what None means
@@ -366,10 +360,9 @@ def save_grid(images, path, title, recon=None, texts=(), ncol=8, pad=2, top=20):
 
 
 def write_pictures(history, m1, m2, fixed, out, seed, grids):
-    """Every epoch the latent-variance heatmap of Fig. 6-7: E[sigma^2] per latent (rows, sorted
-    by the epoch each became active) and epoch (columns), dark blue 0 (active) to yellow 1, with
-    a colour scale marking footnote 3's threshold 0.8; every --sample-every epochs the sample
-    grids, drawn with the same noise each time."""
+    """Every epoch Fig. 6-7's heatmap: E[sigma^2] per latent (rows, sorted by the epoch each became
+    active) and epoch (columns), dark blue 0 (active) to yellow 1, a colour scale marking footnote
+    3's threshold 0.8; every --sample-every epochs the sample grids, with the same noise each."""
     stage, epochs = history[-1]["stage"], len(history)
     v = np.array([r["latent_var"] for r in history]).T  # (latents, epochs)
     first = np.where(v < 0.8, np.arange(epochs), epochs).min(1)  # the epoch it left the limbo
@@ -431,6 +424,8 @@ def parse_args(argv):
     a("--inception-weights", help="--eval: a local Inception weights file (offline machines)")
     a("--latent-norm", action="store_true", help="--eval: GEN-2 latents scaled (paper 4.2)")
     args = p.parse_args(argv)
+    # the settings flags given: one left out is None, so it never contradicts a checkpoint
+    args.flags = {k: getattr(args, k) for k in FLAGS if getattr(args, k) is not None}
     for k, v in vars(args).items():  # numbers in range: --lr above 0, --jpeg 1-95, counts >= 1
         low, high = dict(lr=(1e-12, 1e3), kl_weight=(0, 1e9), l2=(0, 1e9), seed=(0, 2**32),
                          jpeg=(1, 95)).get(k, (1, 2**40))
@@ -460,7 +455,7 @@ def bench(args, warmup=3, steps=10):
     configured, on synthetic data of the dataset's shape (no download)."""
     dev, dataset, stage = args.device, args.dataset or "cifar10", args.stage
     side = args.img_size or (32 if dataset == "cifar10" else 64)
-    cfg = paper_defaults(dataset, side, stage) | given(args)
+    cfg = paper_defaults(dataset, side, stage) | args.flags
     bs, sync = cfg["batch_size"], torch.cuda.synchronize if dev.type == "cuda" else lambda: None
     x = torch.rand((bs, 3, side, side) if stage == 1 else (bs, cfg["latent_dim"]), device=dev)
     plain, dts = argparse.Namespace(**{**vars(args), "amp": "none", "compile": False}), []
