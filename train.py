@@ -310,11 +310,12 @@ def evaluate(args):
             res[f"{k}_fid"] = fid.frechet_distance(*real, *fid.feature_stats(
                 net, imgs, desc=f"FID {k}"))
     pick = np.linspace(0, n - 1, 32).astype(int)  # spread over a split sorted by class
-    at = f"stage 1 epoch {res['epochs']}" + f", stage 2 epoch {res['epochs2']}" * bool(m2)
-    save_grid(test[pick], os.path.join(out, "eval_recon.png"), f"REC, {at}: test images and "
-              "their reconstructions", sets.pop("rec")[pick])
+    at = dict(rec=f"stage 1 epoch {res['epochs']}", gen1=f"stage 1 epoch {res['epochs']}",
+              gen2=f"stage 1 epoch {res['epochs']}, stage 2 epoch {res['epochs2']}")
+    save_grid(test[pick], os.path.join(out, "eval_recon.png"), f"REC, {at['rec']}: test images "
+              "and their reconstructions", sets.pop("rec")[pick])
     for k, imgs in sets.items():
-        save_grid(imgs[:64], os.path.join(out, f"eval_{k}.png"), f"GEN-{k[-1]} samples, {at}")
+        save_grid(imgs[:64], os.path.join(out, f"eval_{k}.png"), f"GEN-{k[-1]} samples, {at[k]}")
     text = json.dumps(res, indent=1).encode()
     data.atomic_write(os.path.join(out, "eval.json"), lambda f: f.write(text))
     fids = [f"{res[k]:6.1f}" if res[k] else "     -" for k in ("rec_fid", "gen1_fid", "gen2_fid")]
