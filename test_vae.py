@@ -465,7 +465,9 @@ def test_stage2_trains_from_stage1_and_eval_writes_table(tiny, capsys):
     res = json.load(open(os.path.join(out, "eval.json")))
     assert res["n"] == 25 and res["rec_fid"] is None and res["inception"] is None
     assert (res["epochs"], res["epochs2"]) == (2, 2)
-    printed = capsys.readouterr().out.splitlines()[1:]  # after the short run's note
+    o, err = capsys.readouterr()
+    assert all(f"{k} 25/25 images" in err for k in ("REC", "GEN-1", "GEN-2"))  # progress lines
+    printed = o.splitlines()[1:]  # after the short run's note
     assert printed[1].split()[:5] == ["2", "-", "-", "-", f"{res['mse']:.4f}"]
     assert printed[1].split()[6] == f"{res['inactive']}/8"
     assert f"{res['inactive_code']}/8" in printed[2]
