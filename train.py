@@ -173,7 +173,7 @@ def train(args):
         write_pictures(history, m1, model if stage == 2 else None, fixed, out, cfg["seed"], grids)
 
 
-# --- Settings, data and stage links: the rules of the module docstring -----------------------
+# --- Settings, data and stage links: one rule each, in configure's docstring ---------------
 def configure(args):
     """The run's settings, the checkpoints it uses ({stage: checkpoint}) and their source. A new
     run takes the paper's settings for its dataset, side and stage (4.1, 4.2; where it is silent,
@@ -310,8 +310,8 @@ def evaluate(args):
             res[f"{k}_fid"] = fid.frechet_distance(*real, *fid.feature_stats(
                 net, imgs, desc=f"FID {k}"))
     pick = np.linspace(0, n - 1, 32).astype(int)  # spread over a split sorted by class
-    at = dict(rec=f"stage 1 epoch {res['epochs']}", gen1=f"stage 1 epoch {res['epochs']}",
-              gen2=f"stage 1 epoch {res['epochs']}, stage 2 epoch {res['epochs2']}")
+    e1 = f"stage 1 epoch {res['epochs']}"  # what each grid's images depend on
+    at = dict(rec=e1, gen1=e1, gen2=f"{e1}, stage 2 epoch {res['epochs2']}")
     save_grid(test[pick], os.path.join(out, "eval_recon.png"), f"REC, {at['rec']}: test images "
               "and their reconstructions", sets.pop("rec")[pick])
     for k, imgs in sets.items():
