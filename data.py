@@ -173,10 +173,12 @@ def load_split(dataset, split, data_dir="data", img_size=None, resize="bilinear"
     size, jpg = img_size or choose_img_size(dataset, data_dir)[0], f"_jpeg{jpeg}" if jpeg else ""
     if dataset == "cifar10" and size != 32:
         raise DataError(f"CIFAR-10 images are 32x32, not {size}x{size}; resize them as a folder")
-    cache = os.path.join(data_dir, "celeba", name := f"{split}_{size}_{resize}{jpg}.npy")
+    name = f"{split}_{size}_{resize}{jpg}.npy"
     if dataset == "cifar10":  # never resized
         cache = os.path.join(data_dir, f"cifar10_{split}{jpg}.npy")
-    elif dataset == "folder":  # keyed on what the images are, not where the folder lies
+    elif dataset == "celeba":
+        cache = os.path.join(data_dir, "celeba", name)
+    else:  # keyed on what the images are, not where the folder lies
         st = [(os.path.relpath(p, data_dir), os.stat(p)) for p in _image_paths(dataset, data_dir)]
         key = hashlib.sha1(repr([(p, s.st_size, s.st_mtime_ns) for p, s in st]).encode())
         cache = os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"),

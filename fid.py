@@ -199,9 +199,11 @@ def load_stats(path):  # (mu, sigma) from a statistics .npz, fid.py's or pytorch
 
 
 def cached_stats(path, compute):  # (mu, sigma) from `path`, else compute()d and saved there
-    if not os.path.exists(path):
-        save_stats(path, *compute())
-    return load_stats(path)
+    if os.path.exists(path):
+        return load_stats(path)
+    mu, sigma = compute()
+    save_stats(path, mu, sigma)
+    return mu, sigma
 
 
 def input_stats(path, get_model, batch_size):  # a statistics .npz, or a folder of images
@@ -233,14 +235,14 @@ def main(argv=None):
     args = p.parse_args(argv)
     if args.b is None and not args.save_stats:
         p.error("give two inputs A B, or one input and --save-stats OUT.npz")
-    net = functools.cache(lambda: load_inception(args.inception, args.inception_weights,
-                                                 args.device))
+    get_model = functools.cache(lambda: load_inception(args.inception, args.inception_weights,
+                                                       args.device))
     try:
-        mu1, sigma1 = input_stats(args.a, net, args.batch_size)
+        mu1, sigma1 = input_stats(args.a, get_model, args.batch_size)
         if args.save_stats:
             save_stats(args.save_stats, mu1, sigma1)
         if args.b is not None:
-            mu2, sigma2 = input_stats(args.b, net, args.batch_size)
+            mu2, sigma2 = input_stats(args.b, get_model, args.batch_size)
             print(f"{frechet_distance(mu1, sigma1, mu2, sigma2):.6f}")
     except DataError as e:
         print(f"error: {e}", file=sys.stderr)

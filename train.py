@@ -5,7 +5,8 @@
     python train.py --dataset cifar10 --eval      # REC / GEN-1 / GEN-2 FID, mse, variance law
 
 Deviations from the paper and the released code:
-- Epoch e's order and noise come from (seed, e): a resume repeats an uninterrupted run.
+- Epoch e's order and noise come from (seed, e): on the CPU a resume repeats an uninterrupted
+  run.
 - The per-epoch grids use batch statistics, --eval the moving averages as the paper does; the
   two differ until about 1,000 steps (README).
 - CelebA l2: the paper (4.2) adds 0.001 * sum(w^2) over the resampling kernels; the released
@@ -336,7 +337,7 @@ def decode_all(m1, z, desc="decoding"):
 
 
 def save_grid(images, path, title, recon=None, texts=(), ncol=8, pad=2, top=20):
-    """uint8 images (N, H, W, 3) in rows of `ncol` under a title, enlarged to at least 64 px;
+    """uint8 images (N, H, W, 3) in rows of `ncol` under a title, small ones enlarged (32 px 2x);
     with `recon`, rows of originals alternate with rows of their reconstructions, each named;
     `texts` [(x, y, text, colour)] are written over the first image."""
     left = 0 if recon is None else 60
