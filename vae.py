@@ -28,6 +28,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from data import DataError
+
 HALF_LOG_TWO_PI = 0.5 * math.log(2 * math.pi)
 
 
@@ -40,12 +42,12 @@ def kl_divergence(mu, logsd):
 def vae_loss(x, x_hat, mu, logsd, gamma, kl_weight=1.0):
     """(loss, mse, kl) in float32: loss the batch mean of eq. 7 summed over the D pixels x channels
     plus kl_weight * eq. 3; mse the mean over all values (what gamma^2 tracks); kl eq. 3's mean."""
-    x, x_hat, mu, logsd = x.float(), x_hat.float(), mu.float(), logsd.float()
+    x = x.float()  # autocast's bf16 outputs: the loss in float32
     D = x[0].numel()
-    sse = (x - x_hat).square().flatten(1).sum(1)
+    sse = (x - x_hat.float()).square().flatten(1).sum(1)
     # eq. 7 summed over D: sum (x - x_hat)^2 / (2 gamma^2) + D log gamma + D log(2 pi) / 2
     gen = sse / (2 * gamma.square()) + D * (torch.log(gamma) + HALF_LOG_TWO_PI)
-    kl = kl_divergence(mu, logsd)
+    kl = kl_divergence(mu.float(), logsd.float())
     return (gen + kl_weight * kl).mean(), sse.mean() / D, kl.mean()
 
 
@@ -56,10 +58,12 @@ def kl_weight_for(side):
 
 # --- gamma: computed (the paper) or learned (Dai & Wipf) -------------------------------------
 class ComputedGamma(nn.Module):
-    """gamma = sqrt(mse_est), the paper's rule (section 3); after each minibatch, from 1.0,
-    mse_est <- min(mse_est, 0.99 * mse_est + 0.01 * batch_mse) (non-increasing), so each loss uses
-    the previous batches' estimate, as the released code feeds gamma in. A buffer: no gradient,
-    in the state_dict, updated on the device without host synchronisation."""
+    """gamma = sqrt(mse_est), the paper's rule (section 3: a discounted combination with the
+    previous estimate, then the minimum of the two, so gamma never increases). After each
+    minibatch mse_est <- min(mse_est, 0.99 * mse_est + 0.01 * batch_mse), from 1.0: the factors
+    and the start are the released code's, which the paper does not give. Each loss uses the
+    previous batches' estimate, as the released code feeds gamma in. A buffer: no gradient, in
+    the state_dict, updated on the device without host synchronisation."""
 
     def __init__(self):
         super().__init__()
@@ -195,8 +199,8 @@ class VAE(_GaussianVAE):
             dec += [nn.ConvTranspose2d(cin, cout, 3, 2, padding=1, output_padding=1),  # upsample
                     scale_block(cout, cout, block_per_scale, depth_per_block)]
         self.decoder = nn.Sequential(*dec, conv3x3(ddims[-1], 3), nn.Sigmoid())
-        self.resample = [m for m in self.modules() if isinstance(
-            m, (nn.Conv2d, nn.ConvTranspose2d)) and m.stride == (2, 2)]
+        convs = [m for m in self.modules() if isinstance(m, nn.Conv2d | nn.ConvTranspose2d)]
+        self.resample = [m for m in convs if m.stride == (2, 2)]
         glorot_init(self)
 
     def encode(self, x):
@@ -212,6 +216,14 @@ class VAE(_GaussianVAE):
         return sum(m.weight.square().sum() for m in self.resample)
 
 
+def mlp(cin, width, depth):
+    """`depth` dense ReLU layers of `width` (Dai & Wipf's stage-2 encoder and decoder)."""
+    layers = []
+    for i in range(depth):
+        layers += [nn.Linear(cin if i == 0 else width, width), nn.ReLU()]
+    return nn.Sequential(*layers)
+
+
 class SecondStage(_GaussianVAE):
     """Stage 2 (Dai & Wipf): a VAE on the stage-1 latents z. Encoder: `depth` dense ReLU layers of
     width `dim`, concatenated with z, then dense mu_u, log sigma_u heads. Decoder: the same from u,
@@ -220,9 +232,8 @@ class SecondStage(_GaussianVAE):
     def __init__(self, latent_dim=64, dim=2048, depth=3, gamma="computed"):
         super().__init__()
         self.gamma = GAMMAS[gamma]()
-        mlp = lambda: nn.Sequential(*[m for i in range(depth) for m in (
-            nn.Linear(latent_dim if i == 0 else dim, dim), nn.ReLU())])
-        self.enc, self.dec = mlp(), mlp()
+        self.enc = mlp(latent_dim, dim, depth)
+        self.dec = mlp(latent_dim, dim, depth)
         self.mu, self.logsd, self.z_hat = (
             nn.Linear(dim + latent_dim, latent_dim) for _ in range(3))
         glorot_init(self)
@@ -236,6 +247,28 @@ class SecondStage(_GaussianVAE):
 
     def l2_penalty(self):
         return 0.0
+
+
+# the settings that make a stage-1 network: a new stage 2 keeps them with the data
+ARCH1 = ("latent_dim", "base_dim", "fc_dim", "num_scale", "block_per_scale", "depth_per_block")
+
+
+def build(cfg, stage, device="cpu", state=None):
+    """The stage's network from its settings (train.py's config), with a checkpoint's weights
+    if given; a side the network cannot take is a DataError, before any data is decoded."""
+    try:
+        if stage == 1:
+            arch = [cfg[k] for k in ARCH1]
+            model = VAE(cfg["img_size"], *arch, gamma=cfg["gamma"])
+        else:
+            model = SecondStage(cfg["latent_dim"], cfg["second_dim"],
+                                cfg["second_depth"], cfg["gamma"])
+    except ValueError as e:
+        raise DataError(f"{e}: choose another --img-size or --num-scale") from None
+    model = model.to(device, memory_format=torch.channels_last)
+    if state is not None:
+        model.load_state_dict(state)
+    return model
 
 
 # --- Reconstruction and two-stage generation (networks in eval mode) -------------------------
@@ -265,9 +298,13 @@ def variance_law(mu, logsd, released=False):
     footnote 3) or, `released`, sigma, as the authors' evaluation code (exp of log sigma, called
     the variance). "Inactive" is E[v] >= 0.8: the two agree for sigma near 1 and differ in
     "limbo" (E[sigma^2] 0.6-0.8 is E[sigma] of about 0.77-0.89)."""
-    mu, v = mu.double(), logsd.double().exp() ** (1 if released else 2)
+    v = logsd.double().exp()
+    if not released:
+        v = v.square()
     e_v = v.mean(0)
-    return mu.var(0, unbiased=False) + e_v, e_v
+    # eq. 6 writes E[mu^2] + E[sigma^2], assuming eq. 5's E[mu] = 0; Var[mu] = E[mu^2] - E[mu]^2
+    # is the same under eq. 5 and does not count a mean that drifted from 0 as variance
+    return mu.double().var(0, unbiased=False) + e_v, e_v
 
 
 def latent_summary(mu, logsd):
