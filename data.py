@@ -42,10 +42,8 @@ class DataError(Exception):
 
 def progress(items, total, desc, unit="images", size=len, leave=True):
     """Yield `items`, redrawing "desc done/total unit, rate, ETA" on stderr (<= 4/s); `leave` it."""
-    start = time.time()
-    last = start
-    done = 0
-    width = 0  # the longest line drawn: a shorter one must cover it
+    start = last = time.time()
+    done = width = 0  # width: the longest line drawn, which a shorter one must cover
     try:
         for item in itertools.chain(items, [progress]):  # `progress` itself marks the end
             if item is not progress:
@@ -181,16 +179,12 @@ def read_image(path):
 
 
 def choose_img_size(dataset, data_dir=None):
-    """(side, why): the paper's 32 or 64; a folder's first image's if square 2^k >= 4, else 64."""
-    if dataset == "cifar10":
-        return 32, "CIFAR-10's only size"
-    if dataset == "celeba":
-        return 64, "the paper's size"
-    first = _image_paths(dataset, data_dir)[0]
-    w, h = read_image(first).size
-    if w == h >= 4 and not w & (w - 1):
-        return w, f"the first image is {w}x{h}"
-    return 64, f"the first image is {w}x{h}, not a square of a power-of-two side >= 4"
+    """CIFAR-10's 32, the paper's 64 for CelebA; a folder's first image's side if it is a
+    square of a power-of-two side >= 4 (the decoder doubles from 2x2), else 64."""
+    if dataset != "folder":
+        return 32 if dataset == "cifar10" else 64
+    w, h = read_image(_image_paths(dataset, data_dir)[0]).size
+    return w if w == h >= 4 and not w & (w - 1) else 64
 
 
 def split_size(dataset, split, data_dir):
@@ -240,7 +234,7 @@ def cache_path(dataset, split, data_dir, size, resize, jpeg):
 def load_split(dataset, split, data_dir="data", img_size=None, resize="bilinear", jpeg=None,
                download=True):
     """One split as a read-only uint8 memmap (N, H, W, 3) of its cache, decoded on first use."""
-    size = img_size or choose_img_size(dataset, data_dir)[0]
+    size = img_size or choose_img_size(dataset, data_dir)
     if dataset == "cifar10" and size != 32:
         raise DataError(f"CIFAR-10 images are 32x32, not {size}x{size}; resize them as a folder")
     cache = cache_path(dataset, split, data_dir, size, resize, jpeg)
@@ -292,11 +286,9 @@ class Batches:
         self.seed = seed
         self.x = torch.from_numpy(np.array(images)).to(device)  # a writable copy
 
-    def __len__(self):
-        n = len(self.x)
-        if not self.drop_last:
-            n += self.batch_size - 1
-        return n // self.batch_size
+    def __len__(self):  # whole batches, or every image
+        extra = 0 if self.drop_last else self.batch_size - 1
+        return (len(self.x) + extra) // self.batch_size
 
     def epoch(self, e):
         n = len(self.x)
@@ -324,8 +316,8 @@ def latent_batches(m1, images, batch_size, seed, device):
     batches = Batches(images, 500, device, shuffle=False, drop_last=False)
     with torch.no_grad():
         codes = [m1.encode(x) for x in batches.epoch(0)]
-    mu = torch.cat([c[0] for c in codes])
-    sd = torch.cat([c[1] for c in codes]).exp()
+    mu, logsd = map(torch.cat, zip(*codes))
+    sd = logsd.exp()
     whole = len(mu) // batch_size
 
     def epoch(e):

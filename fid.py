@@ -39,15 +39,13 @@ class Conv(nn.Module):
 
     def __init__(self, cin, cout, k, stride=1, padding="same"):
         super().__init__()
-        if stride > 1:  # the strided ones never pad
-            padding = 0
+        padding = 0 if stride > 1 else padding  # the strided ones never pad
         self.conv = nn.Conv2d(cin, cout, k, stride, padding, bias=False)
         self.bn = nn.BatchNorm2d(cout, eps=0.001)
 
     def forward(self, x):
         # inference only: batch norm folded into the conv, a fifth less time
-        c = self.conv
-        bn = self.bn
+        c, bn = self.conv, self.bn
         scale = bn.weight * (bn.running_var + bn.eps).rsqrt()
         weight = c.weight * scale[:, None, None, None]
         bias = bn.bias - bn.running_mean * scale
@@ -73,13 +71,11 @@ class Mixed(nn.Module):
         for name, layers in branches.items():
             convs = [c for c in layers if isinstance(c, (Conv, list))]
             for i, layer in enumerate(convs, 1):
-                if len(convs) == 1:
-                    self.add_module(name, layer)
-                elif isinstance(layer, list):  # a fork: _1a/_1b
-                    for ab, conv in zip("ab", layer):
-                        self.add_module(f"{name}_{i}{ab}", conv)
-                else:
-                    self.add_module(f"{name}_{i}", layer)
+                # a fork's two convs are _ia and _ib; a lone conv takes the branch's name
+                forked = zip("ab", layer) if isinstance(layer, list) else [("", layer)]
+                for ab, conv in forked:
+                    key = name if len(convs) == 1 else f"{name}_{i}{ab}"
+                    self.add_module(key, conv)
 
     def forward(self, x):
         return torch.cat([_chain(x, *b) for b in self.branches], 1)
@@ -105,11 +101,9 @@ class InceptionV3(nn.Module):
     def __init__(self, variant="torchvision"):
         super().__init__()
         self.variant = variant
-        pool = avg_pool
-        pool_7c = avg_pool
+        pool, pool_7c = avg_pool, avg_pool
         if variant == "tf":
-            pool = tf_avg_pool
-            pool_7c = tf_max_pool
+            pool, pool_7c = tf_avg_pool, tf_max_pool
         self.Conv2d_1a_3x3 = Conv(3, 32, 3, stride=2)
         self.Conv2d_2a_3x3 = Conv(32, 32, 3, padding=0)
         self.Conv2d_2b_3x3 = Conv(32, 64, 3)
@@ -127,8 +121,7 @@ class InceptionV3(nn.Module):
             branch3x3=[Conv(288, 384, 3, stride=2)],
             branch3x3dbl=[Conv(288, 64, 1), Conv(64, 96, 3), Conv(96, 96, 3, stride=2)],
             pool=[max_pool])
-        row = (1, 7)
-        col = (7, 1)
+        row, col = (1, 7), (7, 1)
         for name, c7 in ("6b", 128), ("6c", 160), ("6d", 160), ("6e", 192):
             setattr(self, f"Mixed_{name}", Mixed(  # InceptionC
                 branch1x1=[Conv(768, 192, 1)],
@@ -158,10 +151,8 @@ class InceptionV3(nn.Module):
 
 def load_weights(model, state, variant):
     """torchvision-named weights into `model`, or a DataError that says what is wrong."""
-    if not isinstance(state, dict):
-        state = {}
-    problem = None
-    fc = state.get("fc.weight")
+    state = state if isinstance(state, dict) else {}
+    problem, fc = None, state.get("fc.weight")
     if fc is not None and len(fc) != FC_CLASSES[variant]:  # the other variant's file
         problem = f"fc has {len(fc)} classes, not {FC_CLASSES[variant]}"
     state = {k: v for k, v in state.items() if not k.startswith(IGNORED)}
@@ -175,10 +166,8 @@ def load_weights(model, state, variant):
         problem = " ".join(str(e).split(":", 1)[1].split())
     if problem is None:
         return
-    if len(problem) > 300:
-        problem = problem[:300] + "..."
     raise DataError(
-        f"these are not the {variant} Inception v3 weights ({problem}). Use the file "
+        f"these are not the {variant} Inception v3 weights ({problem[:300]}). Use the file "
         f"from {URLS[variant]}, or leave --inception-weights out to download it.")
 
 
@@ -203,8 +192,7 @@ def load_inception(variant="torchvision", weights_path=None, device=None):
     with torch.device("meta"):  # no random initialisation (0.8 s): load_weights sets all
         model = InceptionV3(variant)
     load_weights(model.to_empty(device="cpu"), state, variant)
-    if device is None:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     model = model.to(device, memory_format=torch.channels_last)
     return model.eval().requires_grad_(False)
 
@@ -215,20 +203,17 @@ def feature_stats(model, images, batch_size=200, desc="features", total=None):
     if isinstance(images, np.ndarray):
         total = len(images)
         images = [images[i:i + batch_size] for i in range(0, total, batch_size)]
-    device = next(model.parameters()).device
-    feats = []
-    backends = torch.backends
-    tf32 = (backends.cudnn.allow_tf32, backends.cuda.matmul.allow_tf32)
-    # TF32 moves the features (REFERENCE: off for reference-grade FID)
-    backends.cudnn.allow_tf32 = False
-    backends.cuda.matmul.allow_tf32 = False
+    device, feats = next(model.parameters()).device, []
+    cudnn, matmul = torch.backends.cudnn, torch.backends.cuda.matmul
+    tf32 = cudnn.allow_tf32, matmul.allow_tf32
+    cudnn.allow_tf32 = matmul.allow_tf32 = False  # TF32 moves the features
     try:
         for batch in progress(images, total, desc):
             x = torch.from_numpy(np.array(batch))  # a copy: memmaps are read-only
             x = x.to(device).permute(0, 3, 1, 2).float() / 255
             feats.append(model(x).double().cpu())
     finally:  # the caller's settings back
-        backends.cudnn.allow_tf32, backends.cuda.matmul.allow_tf32 = tf32
+        cudnn.allow_tf32, matmul.allow_tf32 = tf32
     feats = torch.cat(feats).numpy()
     n, d = feats.shape
     if n < 2:  # np.cov would divide by zero, and the eigh fail
@@ -242,10 +227,7 @@ def feature_stats(model, images, batch_size=200, desc="features", total=None):
 
 def frechet_distance(mu1, sigma1, mu2, sigma2):
     """|mu1 - mu2|^2 + tr(s1) + tr(s2) - 2 tr(sqrtm(s1 s2)) in float64 (Heusel et al. 2017)."""
-    mu1 = np.asarray(mu1, np.float64)
-    mu2 = np.asarray(mu2, np.float64)
-    s1 = np.asarray(sigma1, np.float64)
-    s2 = np.asarray(sigma2, np.float64)
+    mu1, mu2, s1, s2 = (np.asarray(a, np.float64) for a in (mu1, mu2, sigma1, sigma2))
     d = mu1.shape
     if mu2.shape != d or s1.shape != d * 2 or s2.shape != d * 2:
         raise DataError(
@@ -300,9 +282,7 @@ def input_stats(path, get_model, batch_size):
     """(mu, sigma) of a statistics .npz, or of a folder of images."""
     if path.endswith(".npz") and os.path.isfile(path):
         return load_stats(path)
-    paths = []
-    if os.path.isdir(path):
-        paths = list_images(path)
+    paths = list_images(path) if os.path.isdir(path) else ()
     if not paths:
         raise DataError(f"{path}: neither a statistics .npz (mu, sigma) nor a folder of images")
 

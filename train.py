@@ -59,22 +59,17 @@ DATA = ("dataset", "img_size", "resize", "jpeg", "limit", "seed")
 def paper_defaults(dataset, side, stage):
     """Every setting of a stage as the paper (or, where silent, the released code) has it:
     CelebA's for its 64x64 images and any as large, else CIFAR-10's."""
-    paper = "CIFAR-10"
-    if dataset == "celeba" or side >= 64:
-        paper = "CelebA"
+    paper = "CelebA" if dataset == "celeba" or side >= 64 else "CIFAR-10"
     cfg = {k: v[stage - 1] for k, v in PAPER[paper].items()}
-    cfg.update(paper=paper, dataset=dataset, img_size=side, seed=0)
-    cfg.update(resize="bilinear", jpeg=None, limit=None)
-    cfg.update(gamma="computed", batch_size=100)  # section 3; batch 100 (4)
-    # k = pixels / 1024 in stage 1 (4.2), 1 on stage 2's latents
-    cfg["kl_weight"] = vae.kl_weight_for(side) if stage == 1 else 1.0
-    # Fig. 1, Dai & Wipf's network: 64 latents (4.1), a scale per halving down to 4x4
-    cfg.update(latent_dim=64, base_dim=32, fc_dim=512)
-    cfg["num_scale"] = max(1, int(math.log2(side)) - 2)
-    cfg.update(block_per_scale=1, depth_per_block=2)
-    cfg["second_dim"] = 2048 if side <= 32 else 4096
-    cfg["second_depth"] = 3
-    return cfg
+    return cfg | dict(
+        paper=paper, dataset=dataset, img_size=side, resize="bilinear", jpeg=None,
+        limit=None, seed=0, gamma="computed", batch_size=100,
+        # k = pixels / 1024 in stage 1 (4.2), 1 on stage 2's latents
+        kl_weight=vae.kl_weight_for(side) if stage == 1 else 1.0,
+        # Fig. 1, Dai & Wipf's network: 64 latents (4.1), a scale a halving down to 4x4
+        latent_dim=64, base_dim=32, fc_dim=512, num_scale=max(1, int(math.log2(side)) - 2),
+        block_per_scale=1, depth_per_block=2,
+        second_dim=2048 if side <= 32 else 4096, second_depth=3)
 
 
 # the settings a flag may give
@@ -88,11 +83,9 @@ def make_step(model, opt, cfg, args):
     # On CUDA a batch of 100 small images is bound by kernel launches, not arithmetic: CUDA
     # graphs ("reduce-overhead") replay the compiled forward and backward with one launch each.
     graphs = args.compile and args.device.type == "cuda"
-    net = model
-    if args.compile:
-        net = torch.compile(model, mode="reduce-overhead" if graphs else None)
-    bf16 = args.amp == "bf16"
-    amp = torch.autocast(args.device.type, torch.bfloat16, enabled=bf16)
+    mode = "reduce-overhead" if graphs else None
+    net = torch.compile(model, mode=mode) if args.compile else model
+    amp = torch.autocast(args.device.type, torch.bfloat16, enabled=args.amp == "bf16")
 
     def step(x):
         if graphs:  # the last step's graph outputs are reused
@@ -108,18 +101,16 @@ def make_step(model, opt, cfg, args):
         opt.step()
         # after the step: the next batch sees the new gamma
         model.gamma.update(mse.detach())
-        # copies: a CUDA graph's outputs are overwritten by its next replay
-        mu = out[1].detach().float().clone()
-        logsd = out[2].detach().float().clone()
-        return torch.stack([loss, mse, kl]).detach(), mu, logsd
+        # mu, log sigma copied: a CUDA graph's outputs are overwritten by its next replay
+        codes = (o.detach().float().clone() for o in out[1:])
+        return torch.stack([loss, mse, kl]).detach(), *codes
     return step
 
 
 def make_optimizer(model, lr, device):
     # Adam with TF1's defaults (paper 4); the fused kernel on CUDA computes the same update
-    fused = device.type == "cuda"
-    return torch.optim.Adam(
-        model.parameters(), lr=lr, betas=(0.9, 0.999), eps=1e-8, fused=fused)
+    return torch.optim.Adam(model.parameters(), lr=lr, betas=(0.9, 0.999), eps=1e-8,
+                            fused=device.type == "cuda")
 
 
 def lr_at(cfg, epoch):
@@ -130,8 +121,7 @@ def lr_at(cfg, epoch):
 # --- Training (section 4): stage 1 on images, stage 2 on stage-1 latents ----------------------
 def train(args):
     cfg, cks, source = configure(args)
-    stage = args.stage
-    dev = args.device
+    stage, dev = args.stage, args.device
     torch.manual_seed(cfg["seed"])
     # a resume's: the weights (gamma's estimate too), Adam's moments, the metric rows
     ck = cks.get(stage, {})
@@ -139,12 +129,10 @@ def train(args):
     opt = make_optimizer(model, cfg["lr"], dev)
     if ck:
         opt.load_state_dict(ck["optimizer"])
-    history = ck.get("history", [])
-    start = ck.get("epoch", 0)
+    history, start = ck.get("history", []), ck.get("epoch", 0)
     images = data.subset(load(cfg, "train"), cfg["limit"], cfg["seed"])
     bs = cfg["batch_size"]
-    m1 = model  # the pictures' decoder
-    grid = None  # the 32 training images the recon grids show
+    m1, grid = model, None  # the pictures' decoder, the recon grids' 32 training images
     if stage == 1:
         batches = data.Batches(images, bs, dev, seed=cfg["seed"])
         epoch_batches = batches.epoch
@@ -165,8 +153,7 @@ def train(args):
                 f"non-finite loss in epoch {epoch + 1}; {ckpt(args.out, stage)} keeps the "
                 "last finished epoch (if any): try a lower --lr or --amp none")
         end_epoch(args.out, cfg, model, opt, history)
-        last = epoch + 1 == cfg["epochs"]
-        grids = (epoch + 1) % args.sample_every == 0 or last
+        grids = (epoch + 1) % args.sample_every == 0 or epoch + 1 == cfg["epochs"]
         m2 = model if stage == 2 else None
         write_pictures(history, m1, m2, grid, args.out, cfg["seed"], grids)
 
@@ -186,15 +173,10 @@ def restore(cks, stage, device):
 def print_start(args, cfg, source, model, n, steps, start):
     """What a run is: data, network, the settings' source, steps (gamma and batch norm move
     by steps, not epochs), and where it starts."""
-    total = cfg["images"]["train"]
-    drawn = ""
-    if n < total:
-        drawn = f" of {total} (drawn from seed {cfg['seed']})"
-    side = cfg["img_size"]
+    total, side = cfg["images"]["train"], cfg["img_size"]
+    drawn = f" of {total} (drawn from seed {cfg['seed']})" if n < total else ""
     params = sum(p.numel() for p in model.parameters())
-    when = "new run"
-    if start:
-        when = f"resuming at epoch {start + 1}"
+    when = f"resuming at epoch {start + 1}" if start else "new run"
     print(f"stage {args.stage} on {describe(args.device)}: {cfg['dataset']} {n}{drawn} "
           f"train images {side}x{side}, {params:,} parameters, {cfg['gamma']} gamma, "
           f"lr {cfg['lr']:g}, batch {cfg['batch_size']}, {steps} steps an epoch; {when}, "
@@ -213,25 +195,21 @@ def run_epoch(model, opt, step, cfg, stage, epoch, batches, todo):
     desc = f"stage {stage} epoch {epoch + 1}/{cfg['epochs']}"
     t0 = time.time()
     model.train()
-    rec = []  # kept on the device: read once, at the end
-    for x in data.progress(batches, todo, desc, leave=False):
-        rec.append(step(x))
-    loss, mse, kl = torch.stack([r[0] for r in rec]).mean(0).tolist()
-    mu = torch.cat([r[1] for r in rec])
-    logsd = torch.cat([r[2] for r in rec])
-    stats, e_var = vae.latent_summary(mu, logsd)  # eq. 6, footnote 3
+    # kept on the device: read once, at the end
+    rec = [step(x) for x in data.progress(batches, todo, desc, leave=False)]
+    losses, mu, logsd = zip(*rec)
+    loss, mse, kl = torch.stack(losses).mean(0).tolist()
+    stats, e_var = vae.latent_summary(torch.cat(mu), torch.cat(logsd))  # eq. 6, footnote 3
     seconds = time.time() - t0
-    row = dict(stage=stage, epoch=epoch + 1, loss=loss, kl=kl, mse=mse, gamma=model.gamma().item())
-    row.update(stats, lr=lr, seconds=seconds, images_per_s=todo / seconds)
-    row["latent_var"] = e_var.tolist()
-    return row
+    return dict(stage=stage, epoch=epoch + 1, loss=loss, kl=kl, mse=mse,
+                gamma=model.gamma().item(), **stats, lr=lr, seconds=seconds,
+                images_per_s=todo / seconds, latent_var=e_var.tolist())
 
 
 def end_epoch(out, cfg, model, opt, history):
     """The checkpoint, then the stage's metrics from it (a kill leaves both whole, in step),
     then the epoch's line."""
-    r = history[-1]
-    stage = r["stage"]
+    r, stage = history[-1], history[-1]["stage"]
     state = dict(config=cfg, model=model.state_dict(), optimizer=opt.state_dict(),
                  epoch=r["epoch"], history=history)
     data.atomic_write(ckpt(out, stage), lambda f: torch.save(state, f))
@@ -249,8 +227,7 @@ def end_epoch(out, cfg, model, opt, history):
 def write_pictures(history, m1, m2, grid, out, seed, grids):
     """Every epoch Fig. 6-7's heatmap of E[sigma^2] per latent (rows) and epoch (columns); every
     --sample-every epochs the sample grids, with the same noise each time."""
-    stage = history[-1]["stage"]
-    epochs = len(history)
+    stage, epochs = history[-1]["stage"], len(history)
     v = np.array([r["latent_var"] for r in history]).T  # (latents, epochs)
     # Fig. 6-7's rows: by the epoch each latent left the limbo (footnote 3's 0.8), then by
     # its last value
@@ -264,11 +241,8 @@ def write_pictures(history, m1, m2, grid, out, seed, grids):
         return
     # Batch statistics, as in training, on a copy: the grids follow the printed training mse
     # from the first epoch, while the moving averages --eval uses lag a short run behind.
-    m1 = copy.deepcopy(m1).train()
-    g = torch.Generator().manual_seed(seed)
-    tag = f"e{epochs:04d}"
-    if stage == 2:
-        tag = "stage2_" + tag
+    m1, g = copy.deepcopy(m1).train(), torch.Generator().manual_seed(seed)
+    tag = f"stage2_e{epochs:04d}" if stage == 2 else f"e{epochs:04d}"
     if grid is not None:
         x = grid.float() / 255
         recon = vae.reconstruct(m1, x, g)[0]
@@ -295,18 +269,15 @@ def evaluate(args):
     dev = args.device
     if args.latent_norm and 2 not in cks:
         raise DataError("--latent-norm rescales two-stage samples, but there is no stage2.pt")
-    net = None
-    if not args.no_fid:  # first: offline, the weights fail in seconds, not after the sampling
-        net = fid.load_inception(args.inception, args.inception_weights, dev)
+    # first: offline, the weights fail in seconds, not after the sampling
+    net = None if args.no_fid else fid.load_inception(args.inception, args.inception_weights, dev)
     m1 = restore(cks, 1, dev)
     short_run_note(cfg, cks[1]["epoch"])
     split = load(cfg, "test")
     # n test images, drawn from the seed where the split is larger: a folder sorted by class,
     # or CelebA's 19,962, of which the released code evaluates a random 10,000
     n = min(args.n_eval, len(split))
-    test = split
-    if n < len(split):
-        test = data.subset(split, n, cfg["seed"])
+    test = data.subset(split, n, cfg["seed"]) if n < len(split) else split
     g = torch.Generator().manual_seed(cfg["seed"])
     rec, mse, mu, logsd = reconstruct(m1, test, g, dev)
     stats, e_var = vae.latent_summary(mu, logsd)
@@ -317,18 +288,14 @@ def evaluate(args):
         if args.latent_norm:  # 4.2: the mean per-latent std of z := sqrt(variance law)
             z = z * (math.sqrt(stats["var_law"]) / z.std(0).mean())
         sets["gen2"] = decode_all(m1, z, "GEN-2")
-    res = dict(rec_fid=None, gen1_fid=None, gen2_fid=None, mse=mse, **stats, n=n)
-    res.update(inception=None, latent_norm=args.latent_norm)
-    res.update(epochs=cks[1]["epoch"], epochs2=None)
-    if 2 in cks:
-        res["epochs2"] = cks[2]["epoch"]
-    res["settings"] = {f"stage{s}": ck["config"] for s, ck in cks.items()}
+    fids = {}
     if net is not None:  # the real side cached beside the split's own cache
-        res["inception"] = args.inception
         folder = os.path.dirname(split.filename)
         fids = fid.score(net, test, sets, folder, protocol(cfg, n < len(split)))
-        for k, v in fids.items():
-            res[f"{k}_fid"] = v
+    res = dict(**{f"{k}_fid": fids.get(k) for k in ("rec", "gen1", "gen2")}, mse=mse, **stats, n=n,
+               inception=net and args.inception, latent_norm=args.latent_norm,
+               epochs=cks[1]["epoch"], epochs2=cks.get(2, {}).get("epoch"),
+               settings={f"stage{s}": ck["config"] for s, ck in cks.items()})
     eval_pictures(args.out, test, sets, res)
     text = json.dumps(res, indent=1).encode()
     data.atomic_write(os.path.join(args.out, "eval.json"), lambda f: f.write(text))
@@ -350,18 +317,14 @@ def reconstruct(m1, test, g, dev):
     """REC as the released code: a sampled z = mu + sigma * eps decoded (uint8), the mse, and
     mu, log sigma of every test image."""
     batches = data.Batches(test, 500, dev, shuffle=False, drop_last=False)
-    images = []
-    mus = []
-    logsds = []
-    sse = 0
+    rec, sse = [], 0
     for x in data.progress(batches.epoch(0), len(test), "REC"):
         r, mu, logsd = vae.reconstruct(m1, x, g)
         sse = sse + (x - r).square().sum()  # on the device; read once below
-        images.append(data.to_uint8(r))
-        mus.append(mu)
-        logsds.append(logsd)
+        rec.append((data.to_uint8(r), mu, logsd))
+    images, mu, logsd = zip(*rec)
     mse = sse.item() / test.size
-    return np.concatenate(images), mse, torch.cat(mus), torch.cat(logsds)
+    return np.concatenate(images), mse, torch.cat(mu), torch.cat(logsd)
 
 
 def protocol(cfg, drawn):
@@ -389,9 +352,8 @@ def eval_pictures(out, test, sets, res):
 def print_row(res, latents, latent_norm):
     """The table row (Tables 1-4): FIDs, mse, the variance law and inactive latents, by the
     paper's E[sigma^2] and by the released code's E[sigma]."""
-    fids = []
-    for k in ("rec_fid", "gen1_fid", "gen2_fid"):
-        fids.append(f"{res[k]:6.1f}" if res[k] is not None else "     -")
+    fids = [f"{res[k]:6.1f}" if res[k] is not None else "     -"
+            for k in ("rec_fid", "gen1_fid", "gen2_fid")]
     how = res["inception"] or "skipped"
     if latent_norm:
         how += ", latent norm"
@@ -415,11 +377,8 @@ def configure(args):
     if args.epochs:  # the one setting a resume may change
         cfg["epochs"] = args.epochs
         source += f", --epochs {args.epochs}"
-    data_dir = args.data_dir or cfg.get("data_dir") or "data"
-    cfg["data_dir"] = os.path.abspath(data_dir)
-    now = {}
-    for split in ("train", "test"):
-        now[split] = data.split_size(cfg["dataset"], split, cfg["data_dir"])
+    cfg["data_dir"] = os.path.abspath(args.data_dir or cfg.get("data_dir") or "data")
+    now = {s: data.split_size(cfg["dataset"], s, cfg["data_dir"]) for s in ("train", "test")}
     was = cfg.setdefault("images", now)
     if was != now:
         raise DataError(
@@ -443,8 +402,7 @@ def configure(args):
 def checkpoints(args):
     """What a run builds on: on --eval stage 1 and any stage 2; stage 1 for a new stage 2;
     the stage's own on --resume."""
-    out = args.out
-    stage = args.stage
+    out, stage = args.out, args.stage
     if args.eval:
         stages = [1]
         if os.path.exists(ckpt(out, 2)):
@@ -466,8 +424,7 @@ def settings(args, cks):
     """(settings, their source) by configure's rule."""
     stage = 1 if args.eval else args.stage
     own = cks.get(stage)
-    flags = args.flags
-    fixed = {}
+    flags, fixed = args.flags, {}
     src = ckpt(args.out, 1)
     if own:  # --resume or --eval: every setting
         fixed = own["config"]
@@ -484,9 +441,7 @@ def settings(args, cks):
         return dict(fixed), f"{src}'s"
     given = flags | fixed
     dataset = given.get("dataset", "cifar10")
-    side = given.get("img_size")
-    if side is None:
-        side = data.choose_img_size(dataset, args.data_dir or "data")[0]
+    side = given.get("img_size") or data.choose_img_size(dataset, args.data_dir or "data")
     cfg = paper_defaults(dataset, side, stage)
     cfg["stage1_epoch"] = None
     source = [f"the paper's {cfg['paper']} settings"]
@@ -601,8 +556,7 @@ def check(args):
     if not args.eval and (args.no_fid or args.latent_norm or args.inception_weights):
         raise DataError("--no-fid, --latent-norm and --inception-weights apply to --eval only")
     args.out = args.out or os.path.join("runs", args.dataset or "cifar10")
-    cuda = torch.cuda.is_available()
-    args.device = torch.device(args.device or ("cuda" if cuda else "cpu"))
+    args.device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     count = torch.cuda.device_count()
     if args.device.type == "cuda" and (args.device.index or 0) >= count:
         raise DataError(
@@ -625,17 +579,14 @@ def describe(dev):
 def bench(args, warmup=3, steps=10):
     """A plain fp32 step (NCHW memory, no autocast, no compile), then the step as configured,
     on synthetic data of the dataset's shape (no download)."""
-    dev = args.device
-    stage = args.stage
+    dev, stage = args.device, args.stage
     dataset = args.dataset or "cifar10"
     side = args.img_size or (32 if dataset == "cifar10" else 64)
     cfg = paper_defaults(dataset, side, stage) | args.flags
     bs = cfg["batch_size"]
     shape = (bs, 3, side, side) if stage == 1 else (bs, cfg["latent_dim"])
     x = torch.rand(shape, device=dev)
-    plain = argparse.Namespace(**vars(args))
-    plain.amp = "none"
-    plain.compile = False
+    plain = argparse.Namespace(**vars(args) | dict(amp="none", compile=False))
     runs = [("plain fp32 NCHW step", torch.contiguous_format, plain),
             (f"amp {args.amp}, compile {args.compile}", torch.channels_last, args)]
     dts = []
@@ -662,10 +613,7 @@ def sync(dev):
 
 
 def main(argv=None):
-    if argv is None:
-        argv = sys.argv[1:]
-    argv = list(argv)
-    args = None
+    argv, args = sys.argv[1:] if argv is None else list(argv), None
     try:
         args = parse_args(argv)
         if args.eval:
@@ -685,9 +633,7 @@ def main(argv=None):
 def interrupted(args, argv):
     """Ctrl-C: what was saved, and the command that goes on from there."""
     command = " ".join(["python train.py", *map(shlex.quote, argv)])
-    kept = None
-    if args and not (args.eval or args.bench):
-        kept = ckpt(args.out, args.stage)
+    kept = args and not (args.eval or args.bench) and ckpt(args.out, args.stage)
     if kept and os.path.exists(kept):
         if "--resume" not in argv:
             command += " --resume"

@@ -134,9 +134,13 @@ class ResBlock(nn.Module):
     def __init__(self, cin, cout, depth, dense=False):
         super().__init__()
         layer = nn.Linear if dense else conv3x3
-        self.body = nn.Sequential(*[m for i in range(depth) for m in (
-            *([] if dense else [BatchNorm(cin if i == 0 else cout)]), nn.ReLU(),
-            layer(cin if i == 0 else cout, cout))])
+        body = []
+        for i in range(depth):
+            c = cin if i == 0 else cout
+            if not dense:
+                body.append(BatchNorm(c))
+            body += [nn.ReLU(), layer(c, cout)]
+        self.body = nn.Sequential(*body)
         self.shortcut = layer(cin, cout)
 
     def forward(self, x):
@@ -178,9 +182,11 @@ class VAE(_GaussianVAE):
                  block_per_scale=1, depth_per_block=2, gamma="computed"):
         super().__init__()
         if side < 4 or side & (side - 1) or side >> (num_scale - 1) < 1:
-            raise ValueError(f"image side {side}: the decoder starts at 2x2 and doubles, so the "
-                             "side must be a power of two >= 4, and the encoder's num_scale "
-                             f"scales need it >= 2^(num_scale - 1) = {2 ** (num_scale - 1)}")
+            raise DataError(
+                f"image side {side}: the decoder starts at 2x2 and doubles, so the side must "
+                "be a power of two >= 4, and the encoder's num_scale scales need it >= "
+                f"2^(num_scale - 1) = {2 ** (num_scale - 1)}: choose another --img-size or "
+                "--num-scale")
         self.gamma = GAMMAS[gamma]()
         dims = [base_dim * 2 ** i for i in range(num_scale)]
         enc = [conv3x3(3, dims[0])]
@@ -256,15 +262,12 @@ ARCH1 = ("latent_dim", "base_dim", "fc_dim", "num_scale", "block_per_scale", "de
 def build(cfg, stage, device="cpu", state=None):
     """The stage's network from its settings (train.py's config), with a checkpoint's weights
     if given; a side the network cannot take is a DataError, before any data is decoded."""
-    try:
-        if stage == 1:
-            arch = [cfg[k] for k in ARCH1]
-            model = VAE(cfg["img_size"], *arch, gamma=cfg["gamma"])
-        else:
-            model = SecondStage(cfg["latent_dim"], cfg["second_dim"],
-                                cfg["second_depth"], cfg["gamma"])
-    except ValueError as e:
-        raise DataError(f"{e}: choose another --img-size or --num-scale") from None
+    if stage == 1:
+        arch = [cfg[k] for k in ARCH1]
+        model = VAE(cfg["img_size"], *arch, gamma=cfg["gamma"])
+    else:
+        model = SecondStage(cfg["latent_dim"], cfg["second_dim"], cfg["second_depth"],
+                            cfg["gamma"])
     model = model.to(device, memory_format=torch.channels_last)
     if state is not None:
         model.load_state_dict(state)
