@@ -1,6 +1,7 @@
-"""Data for the two-stage VAE (Asperti & Trentin 2020): CIFAR-10 (section 4.1), CelebA (4.2) or
-any image folder, each split decoded once on all cores into a cached uint8 .npy, served as batches
-on a device; stage 2 trains on the stage-1 encoder's latents (Dai & Wipf). Deviations from both:
+"""Images in, images out, for the two-stage VAE (Asperti & Trentin 2020): CIFAR-10 (section 4.1),
+CelebA (4.2) or any image folder, each split decoded once on all cores into a cached uint8 .npy,
+served as batches on a device; stage 2's batches of stage-1 latents (Dai & Wipf); the pictures
+(labelled grids, Fig. 6-7's heatmap), with Pillow alone. Deviations from both:
 - Lossless by default: --jpeg 75 is the reference's JPEG save and reload, for any dataset.
 - Named resize filter, default bilinear as the reference's imresize (nearest: worse FID, Fig. 3).
 - The CelebA split takes the official ranges of the sorted names, not of os.listdir's order.
@@ -56,7 +57,8 @@ def progress(items, total, desc, unit="images", size=len, leave=True):
                 rate = done / max(last - start, 1e-9)
                 left = (total - done) / rate if total else 0
                 m, s = divmod(int(left), 60)
-                line = f"{desc} {done:.0f}/{total or '?'} {unit}, {rate:.0f} {unit}/s, ETA {m}:{s:02}"
+                line = (f"{desc} {done:.0f}/{total or '?'} {unit}, "
+                        f"{rate:.0f} {unit}/s, ETA {m}:{s:02}")
                 width = max(width, len(line))
                 print(f"\r{line:<{width}}", end="", file=sys.stderr, flush=True)
     except Exception:  # met while the line is drawn (a corrupt image): its error on a new line

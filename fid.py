@@ -2,7 +2,9 @@
 
 The paper scores reconstructions and samples against 10,000 test images by FID (sections 4-5):
 only `--inception tf` (pytorch-fid's port of the 2015-12-05 TF graph) matches its scale, not
-torchvision's weights (the default). `python fid.py A B` prints an FID; --save-stats A's stats.
+torchvision's weights (the default). `score` is what --eval calls: each image set against the
+real images' statistics, cached under a name of all they depend on. `python fid.py A B` prints
+an FID; --save-stats saves A's statistics.
 
 Deviations from pytorch-fid:
 - tr sqrtm(s1 s2) by symmetric eigh: finite with fewer images than features (pytorch-fid refuses).

@@ -292,8 +292,9 @@ def evaluate(args):
     if net is not None:  # the real side cached beside the split's own cache
         folder = os.path.dirname(split.filename)
         fids = fid.score(net, test, sets, folder, protocol(cfg, n < len(split)))
-    res = dict(**{f"{k}_fid": fids.get(k) for k in ("rec", "gen1", "gen2")}, mse=mse, **stats, n=n,
-               inception=net and args.inception, latent_norm=args.latent_norm,
+    res = {f"{k}_fid": fids.get(k) for k in ("rec", "gen1", "gen2")}
+    res.update(mse=mse, **stats, n=n, inception=args.inception if net else None,
+               latent_norm=args.latent_norm,
                epochs=cks[1]["epoch"], epochs2=cks.get(2, {}).get("epoch"),
                settings={f"stage{s}": ck["config"] for s, ck in cks.items()})
     eval_pictures(args.out, test, sets, res)
@@ -382,8 +383,8 @@ def configure(args):
     was = cfg.setdefault("images", now)
     if was != now:
         raise DataError(
-            f"{ckpt(args.out, 1)} was trained on {was['train']} train and {was['test']} test images, "
-            f"but {cfg['data_dir']} has {now['train']} and {now['test']}: give --data-dir "
+            f"{ckpt(args.out, 1)} was trained on {was['train']} train and {was['test']} test "
+            f"images, but {cfg['data_dir']} has {now['train']} and {now['test']}: give --data-dir "
             "the run's data")
     if 2 in cks and cks[2]["config"]["stage1_epoch"] != cks[1]["epoch"]:
         raise DataError(
@@ -441,7 +442,8 @@ def settings(args, cks):
         return dict(fixed), f"{src}'s"
     given = flags | fixed
     dataset = given.get("dataset", "cifar10")
-    side = given.get("img_size") or data.choose_img_size(dataset, args.data_dir or "data")
+    data_dir = os.path.abspath(args.data_dir or "data")
+    side = given.get("img_size") or data.choose_img_size(dataset, data_dir)
     cfg = paper_defaults(dataset, side, stage)
     cfg["stage1_epoch"] = None
     source = [f"the paper's {cfg['paper']} settings"]

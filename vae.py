@@ -9,6 +9,7 @@
   debiased `BatchNorm`; `SecondStage`: the stage-2 VAE on latents.
 - `variance_law`, `latent_summary`: eq. 6 per latent and footnote 3's inactive count, by the
   paper's E[sigma^2] and by the released evaluation's E[sigma].
+- `build`: a stage's network from its settings (train.py's config, saved in each checkpoint).
 
 Deviations from the paper and the reference code:
 - k (KL weight) = pixels / 1024, the paper's rule (4.2: 4x the pixels, 4x the KL); the released
