@@ -8,6 +8,7 @@ the released code or the evaluation protocol defines has a test that fails when 
 one line. Run: python -m pytest -q"""
 import argparse
 import builtins
+import functools
 import hashlib
 import io
 import json
@@ -42,12 +43,14 @@ from data import DataError
 # =============================================================================================
 # shared helpers and fixtures
 # =============================================================================================
+def no_network(*args, **kwargs):
+    raise urllib.error.URLError("no network")
+
+
 @pytest.fixture(autouse=True)
 def offline_with_private_cache(monkeypatch, tmp_path):
     """Any download attempt fails as without network; folder caches go to tmp_path/cache."""
-    def refuse(*args, **kwargs):
-        raise urllib.error.URLError("network disabled in tests")
-    monkeypatch.setattr(data.urllib.request, "urlopen", refuse)
+    monkeypatch.setattr(data.urllib.request, "urlopen", no_network)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
 
 
@@ -891,8 +894,12 @@ def test_eval_scores_each_set_against_the_test_images(tiny, tmp_path, weights):
     net = fid.load_inception("torchvision", str(weights), "cpu")
     test = data.load_split("folder", "test", str(tmp_path / "images"), 16)
     test = test[np.sort(np.random.default_rng(3).choice(30, 4, replace=False))]  # seed 3
-    np.testing.assert_allclose(fid.load_stats(cached)[0], fid.feature_stats(net, test)[0],
-                               rtol=1e-5, atol=1e-6)
+
+    def features(imgs):
+        with torch.no_grad():
+            return net(torch.from_numpy(imgs).permute(0, 3, 1, 2).float() / 255).double().numpy()
+    a = features(test)
+    np.testing.assert_allclose(fid.load_stats(cached)[0], a.mean(0), rtol=1e-5, atol=1e-6)
     # the grid's rows alternate originals and reconstructions of 32 picks spread over the 4
     pick = list(np.linspace(0, 3, 32).astype(int))
     at = [(2 * (pick.index(k) // 8) + r) * 8 + pick.index(k) % 8 for k in range(4) for r in (0, 1)]
@@ -900,21 +907,9 @@ def test_eval_scores_each_set_against_the_test_images(tiny, tmp_path, weights):
     assert np.array_equal(pairs[::2], test)
     recon = pairs[1::2]
     gen1, gen2 = (tiles(os.path.join(out, f"eval_gen{k}.png"), 4) for k in (1, 2))
-
-    def features(imgs):
-        with torch.no_grad():
-            return net(torch.from_numpy(imgs).permute(0, 3, 1, 2).float() / 255).double().numpy()
-    a = features(test)
     for key, imgs in (("rec_fid", recon), ("gen1_fid", gen1), ("gen2_fid", gen2)):
-        b = features(imgs)
-        # closed form from 4 images a side: with centred features A, B the covariances are
-        # A'A / 3 and B'B / 3, and tr sqrtm(s1 s2) is the sum of the singular values of A B' / 3
-        ac, bc = a - a.mean(0), b - b.mean(0)
-        want = (np.sum((a.mean(0) - b.mean(0)) ** 2) + (np.sum(ac ** 2) + np.sum(bc ** 2)) / 3
-                - 2 * np.linalg.svd(ac @ bc.T / 3, compute_uv=False).sum())
-        # |s1 s2| <= |s1| |s2|, each the largest squared singular value of the features / 3
-        top = np.prod([np.linalg.svd(c, compute_uv=False)[0] ** 2 / 3 for c in (ac, bc)])
-        assert res[key] == pytest.approx(want, abs=2 * root_tol(2048, top)), key
+        want, largest = fid_of_features(a, features(imgs))  # closed form, 4 images a side
+        assert res[key] == pytest.approx(want, abs=2 * root_tol(2048, largest)), key
     assert len({round(res[k], 3) for k in ("rec_fid", "gen1_fid", "gen2_fid")}) == 3
 
 
@@ -1642,12 +1637,6 @@ def test_atomic_write_replaces_whole_or_keeps_old(tmp_path, fail):
 # fid.py: Frechet distance
 # =============================================================================================
 TESTDATA = pathlib.Path(fid.__file__).resolve().parent / "testdata"
-
-
-# torchvision's Inception3(aux_logits=True) state-dict names and shapes, dumped with torchvision
-MANIFEST = json.loads((TESTDATA / "inception_manifest.json").read_text())
-
-
 EPS = np.finfo(np.float64).eps
 
 
@@ -1669,6 +1658,19 @@ def lmax(s1, s2):  # |s1 s2|_2 <= |s1|_2 |s2|_2
     return np.linalg.eigvalsh(s1)[-1] * np.linalg.eigvalsh(s2)[-1]
 
 
+def fid_of_features(x, y):
+    """The FID of two feature sets of n rows each in closed form, and a bound on |s1 s2|_2. With
+    centred features a, b the covariances are a'a / (n-1) and b'b / (n-1); the nonzero
+    eigenvalues of s1 s2 are the squared singular values of a b' / (n-1), so tr sqrtm(s1 s2) is
+    their sum: an n x n SVD, with no rank-deficient matrix and no round-off eigenvalues."""
+    n = len(x)
+    a, b = x - x.mean(0), y - y.mean(0)
+    tr_covmean = np.linalg.svd(a @ b.T / (n - 1), compute_uv=False).sum()
+    distance = (np.sum((x.mean(0) - y.mean(0)) ** 2) + (np.sum(a ** 2) + np.sum(b ** 2)) / (n - 1)
+                - 2 * tr_covmean)
+    return distance, (np.linalg.norm(a, 2) * np.linalg.norm(b, 2)) ** 2 / (n - 1) ** 2
+
+
 def _closed_form_cases():
     rng = np.random.default_rng(0)
     d = 64
@@ -1687,6 +1689,7 @@ def _closed_form_cases():
 
 @pytest.mark.parametrize("case", list(_closed_form_cases()))
 def test_frechet_distance_closed_forms(case):
+    """|mu1 - mu2|^2 + tr(s1) + tr(s2) - 2 tr sqrtm(s1 s2) (Heusel et al. 2017, pytorch-fid)."""
     mu1, s1, mu2, s2, expected = _closed_form_cases()[case]
     tol = 2 * root_tol(len(s1), lmax(s1, s2))  # the FID holds -2 tr sqrtm(s1 s2)
     assert fid.frechet_distance(mu1, s1, mu2, s2) == pytest.approx(expected, rel=0, abs=tol)
@@ -1711,19 +1714,12 @@ def test_frechet_distance_matches_sqrtm_and_is_symmetric(n):
 def test_frechet_distance_of_rank_deficient_inception_like_statistics():
     """300 images per side, 2048 non-negative features whose scales spread log-uniformly over
     1e-2..3e3, like Inception pool features. pytorch-fid 0.3.0 (scipy 1.17.1) refuses exactly
-    this input ("Imaginary component 0.142"), so the reference is a closed form: for the
-    covariances a^T a / (n-1), b^T b / (n-1) of centred features a, b, the nonzero eigenvalues
-    of s1 s2 are the squared singular values of a b^T / (n-1), so tr sqrtm(s1 s2) is the sum of
-    those singular values: a 300 x 300 SVD, with no rank-deficient matrix and no round-off
-    eigenvalues at all. The tolerance is fid.py's own (2 root_tol, ~356 here, on a FID of 1e8)."""
+    this input ("Imaginary component 0.142"), so the reference is fid_of_features' closed form.
+    The tolerance is fid.py's own (2 root_tol, ~356 here, on a FID of 1e8)."""
     rng = np.random.default_rng(0)
     scale = np.exp(rng.uniform(np.log(1e-2), np.log(3e3), 2048))
     x, y = (np.abs(rng.standard_normal((300, 2048))) * scale for _ in range(2))
-    a, b = x - x.mean(0), y - y.mean(0)
-    tr_covmean = np.linalg.svd(a @ b.T, compute_uv=False).sum() / 299
-    expected = (np.sum((x.mean(0) - y.mean(0)) ** 2) + np.sum(a ** 2) / 299 + np.sum(b ** 2) / 299
-                - 2 * tr_covmean)
-    largest = np.linalg.norm(a, 2) ** 2 * np.linalg.norm(b, 2) ** 2 / 299 ** 2
+    expected, largest = fid_of_features(x, y)
     got = fid.frechet_distance(x.mean(0), np.cov(x, rowvar=False), y.mean(0),
                                np.cov(y, rowvar=False))
     assert np.isfinite(got) and got == pytest.approx(expected, rel=0,
@@ -1743,8 +1739,19 @@ def test_round_off_below_zero_is_clipped(side):
 # =============================================================================================
 # fid.py: Inception v3 and its weights
 # =============================================================================================
-REFERENCE = np.load(TESTDATA / "inception_features.npz")
-META = json.loads(str(REFERENCE["meta"]))
+@functools.cache
+def manifest():
+    """torchvision's Inception3(aux_logits=True) state-dict names and shapes, dumped with it."""
+    return json.loads((TESTDATA / "inception_manifest.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def reference():
+    """testdata/inception_features.npz and its meta, read when a test needs them, not on import:
+    testdata/make_testdata.py imports fixture_state from this module to write the file."""
+    with np.load(TESTDATA / "inception_features.npz") as f:
+        ref = dict(f)
+    return ref, json.loads(str(ref["meta"]))
 
 
 def meta_inception(variant="torchvision"):
@@ -1753,7 +1760,9 @@ def meta_inception(variant="torchvision"):
 
 
 def fixture_state(seed):
-    """The weights of testdata/inception_features.npz: see test_features_match_torchvision_..."""
+    """The random weights of testdata/inception_features.npz (testdata/make_testdata.py imports
+    this): for each key of torchvision's Inception3 without fc and num_batches_tracked, in sorted
+    order, drawn in float64 from one default_rng(seed) and cast to float32."""
     shapes = {k: v.shape for k, v in meta_inception().state_dict().items()
               if not k.endswith("_tracked")}
     rng, state = np.random.default_rng(seed), {}
@@ -1771,12 +1780,13 @@ def fixture_state(seed):
 
 
 @pytest.fixture(scope="module")
-def weights(tmp_path_factory):
+def weights(tmp_path_factory, reference):
     """The fixture's weights as a torchvision-style file, with the manifest's classifier heads
     (1000 classes) that loading must ignore."""
     path = tmp_path_factory.mktemp("weights") / "random_inception.pth"
-    heads = {k: torch.randn(shape) for k, shape in MANIFEST.items() if k.startswith(fid.IGNORED)}
-    state = {**fixture_state(META["seed"]), **heads}
+    heads = {k: torch.randn(shape) for k, shape in manifest().items()
+             if k.startswith(fid.IGNORED)}
+    state = {**fixture_state(reference[1]["seed"]), **heads}
     torch.save(state, path)
     return path, state
 
@@ -1787,26 +1797,12 @@ def model(weights):
 
 
 @pytest.mark.parametrize("variant", ["torchvision", "tf"])
-def test_features_match_torchvision_and_pytorch_fid(weights, variant):
-    """Pool features of 3 random 32x32 images under fixed random weights, against torchvision's
-    Inception3 and pytorch-fid's FID Inception (testdata/inception_features.npz, 4.8 KB).
-
-    How the fixture was made (outside the repository, script /work/fixture_gen/
-    make_inception_fixture.py): python3 -m venv /work/tvenv; /work/tvenv/bin/pip install
-    torch==2.14.1 torchvision==0.29.1 scipy pillow; pip install --no-deps pytorch-fid (0.3.0;
-    numpy 2.4.6). Weights: fixture_state(seed 20200) above, i.e. for each key of torchvision's
-    Inception3 without fc and num_batches_tracked, in sorted order, drawn in float64 from one
-    numpy.random.default_rng(20200) and cast to float32: conv weights normal(0, sqrt(2 /
-    fan_in)), bn weight and running_var uniform(0.5, 1.5), bn bias and running_mean normal(0,
-    0.1). Images: default_rng(7).integers(0, 256, (3, 32, 32, 3), uint8), as float NCHW / 255.
-    torchvision: Inception3(aux_logits=False, init_weights=False, transform_input=False) with
-    those weights, run through pytorch-fid's InceptionV3([3], resize_input=True,
-    normalize_input=True, use_fid_inception=False) (its _inception_v3 swapped for that model), so
-    pytorch-fid's own bilinear resize to 299 (align_corners=False) and 2x - 1 apply; torchvision's
-    forward (pool output hooked) on the same preprocessing gave identical features. tf:
-    pytorch-fid's InceptionV3([3], resize_input=True, normalize_input=True) with its weight
-    download replaced by the same weights (plus a zero 1008-way fc). Kept: features 0, 16, ...,
-    2032 of each image (float32), and the sum and norm of all 2048 (float64).
+def test_features_match_torchvision_and_pytorch_fid(weights, reference, variant):
+    """Pool features of 3 random 32x32 images (default_rng(7)) under fixed random weights
+    (fixture_state(20200)), against torchvision's Inception3 and pytorch-fid's FID Inception (the
+    TF graph's port): testdata/inception_features.npz (4.8 KB) keeps features 0, 16, ..., 2032 of
+    each image and the sum and norm of all 2048. The script testdata/make_testdata.py regenerates
+    the file (how to run it is in the script).
 
     Tolerance: float32 accumulation. Each convolution sums K <= 4032 products (3x3x448), rounding
     at 2^-24 each: ~sqrt(K) 2^-24 ~ 4e-6 relative per layer, over ~20 layers on the longest path
@@ -1814,7 +1810,8 @@ def test_features_match_torchvision_and_pytorch_fid(weights, variant):
     CPU, 1 and 2 threads; our net folds batch norm and runs channels-last): at most 3.5e-6 x rms.
     One-line changes fail it by far more: input in [0, 1] instead of [-1, 1], a resize to 298,
     align_corners=True, any of the four TF pools reverted to torchvision's."""
-    assert META["seed"] == 20200 and META["image_seed"] == 7
+    ref, meta = reference
+    assert meta["seed"] == 20200 and meta["image_seed"] == 7
     net = meta_inception(variant).to_empty(device="cpu")
     fid.load_weights(net, {k: v for k, v in weights[1].items() if not k.startswith(fid.IGNORED)},
                      variant)
@@ -1822,18 +1819,19 @@ def test_features_match_torchvision_and_pytorch_fid(weights, variant):
     x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255
     with torch.no_grad():
         got = net.eval()(x).double().numpy()
-    norm = REFERENCE[f"{variant}_norm"]
+    norm = ref[f"{variant}_norm"]
     tol = 1e-4 * norm / np.sqrt(2048)  # 1e-4 x rms per feature, for each image
-    want = REFERENCE[f"{variant}_features"].astype(np.float64)
-    assert np.all(np.abs(got[:, REFERENCE["dims"]] - want) <= tol[:, None])
+    want = ref[f"{variant}_features"].astype(np.float64)
+    assert np.all(np.abs(got[:, ref["dims"]] - want) <= tol[:, None])
     assert np.all(np.abs(np.linalg.norm(got, axis=1) - norm) <= tol * np.sqrt(2048))
-    assert np.all(np.abs(got.sum(1) - REFERENCE[f"{variant}_sum"]) <= tol * 2048)
+    assert np.all(np.abs(got.sum(1) - ref[f"{variant}_sum"]) <= tol * 2048)
 
 
 @pytest.mark.parametrize("variant", ["torchvision", "tf"])
 def test_state_dict_matches_torchvision_manifest(variant):
-    want = {k: s for k, s in MANIFEST.items() if not k.startswith(("AuxLogits.", "fc."))}
-    assert len(want) == len(MANIFEST) - 16
+    """torchvision's Inception3 names and shapes, which both weight files use."""
+    want = {k: s for k, s in manifest().items() if not k.startswith(("AuxLogits.", "fc."))}
+    assert len(want) == len(manifest()) - 16
     assert {k: list(v.shape) for k, v in meta_inception(variant).state_dict().items()} == want
 
 
@@ -1880,17 +1878,21 @@ def test_weights_file_refused(weights, tmp_path, damage, expect):
     (lambda p: p.write_bytes(b"X"), "unpack requires a buffer of 4 bytes"),
     (lambda p: torch.save(nn.Linear(2, 2), p), "not weights"),  # code, not just tensors
     (lambda p: None, "[Errno 2] No such file"),
-], ids=["text", "empty", "IndexError", "struct.error", "pickled module", "missing"])
-def test_not_a_weights_file_is_refused_in_one_line(tmp_path, write, reason):
+    (None, "<urlopen error no network>"),  # no file given: the download, offline
+], ids=["text", "empty", "IndexError", "struct.error", "pickled module", "missing", "offline"])
+def test_unusable_weights_are_refused_in_one_line(tmp_path, monkeypatch, write, reason):
     """torch.load's own message for a file of other objects advises "weights_only=False", which
     would run the file's code: never passed on. Junk makes it raise anything (the one-byte files
-    an IndexError and a struct.error)."""
-    path = tmp_path / "w.pth"
-    write(path)
+    an IndexError and a struct.error). Each message names the URL and --inception-weights."""
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", no_network)
+    path = tmp_path / "w.pth" if write else None
+    if write:
+        write(path)
     with pytest.raises(DataError) as e:
         fid.load_inception("tf", weights_path=path, device="cpu")
     message = str(e.value)
-    assert message.startswith(f"cannot load {path} ({reason}") and fid.URLS["tf"] in message
+    assert message.startswith(f"cannot load {path or fid.URLS['tf']} ({reason}")
+    assert fid.URLS["tf"] in message and message.endswith(" --inception-weights PATH")
     assert "\n" not in message and "weights_only" not in message
 
 
@@ -1913,30 +1915,21 @@ def test_download_is_the_published_file_hash_checked_and_weights_only(weights, m
     assert calls == [((url,), dict(map_location="cpu", check_hash=True, weights_only=True))]
 
 
-def test_no_network_and_no_path_names_url_and_option(monkeypatch):
-    def offline(*args, **kwargs):
-        raise urllib.error.URLError("no network")
-    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", offline)
-    with pytest.raises(DataError) as e:
-        fid.load_inception("tf")
-    assert re.fullmatch(f".*no network.*{re.escape(fid.URLS['tf'])}.* --inception-weights PATH",
-                        str(e.value))
-
-
 @pytest.mark.parametrize("pool, expected", [  # corner of a 3x3 pool over a 2x2 image, by hand
     (fid.avg_pool, (1 + 2 + 3 + 4) / 9),   # torchvision counts the 5 padding zeros
     (fid.tf_avg_pool, (1 + 2 + 3 + 4) / 4),  # TF does not (differences 1-3)
     (fid.tf_max_pool, 4.0),                # Mixed_7c max-pools (difference 4)
 ])
 def test_pool_branches(pool, expected):
+    """The TF graph's pools (pytorch-fid's patches): averages without the padding, a max pool."""
     out = pool(torch.tensor([[[[1.0, 2.0], [3.0, 4.0]]]]))[0, 0, 0, 0].item()
     assert out == pytest.approx(expected)
 
 
 @pytest.mark.parametrize("variant", ["torchvision", "tf"])
 def test_each_block_pools_as_its_variant(variant):
-    """The pools in each Mixed block's branches: the four TF patches, and the grid reductions'
-    stride-2 max pool (Mixed_6a, Mixed_7a) in both."""
+    """The pools in each Mixed block's branches: the four TF patches (pytorch-fid), and the grid
+    reductions' stride-2 max pool (Mixed_6a, Mixed_7a) in both."""
     tv = variant == "torchvision"
     patched = fid.avg_pool if tv else fid.tf_avg_pool
     want = {**{f"Mixed_{b}": [patched] for b in ("5b", "5c", "5d", "6b", "6c", "6d", "6e", "7b")},
@@ -1957,16 +1950,15 @@ def images(n, size=8, seed=0):
 
 class Pixels(nn.Module):
     """Stand-in for the network: its features are the first 6 input values (+ offset), float32;
-    it records its batch sizes and the TF32 settings it runs under."""
+    it records its batch sizes."""
 
     def __init__(self, offset=0.0):
         super().__init__()
         self.offset = nn.Parameter(torch.tensor(offset))  # also tells feature_stats the device
-        self.batches, self.tf32 = [], set()
+        self.batches = []
 
     def forward(self, x):
         self.batches.append(len(x))
-        self.tf32.add((torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32))
         return x.flatten(1)[:, :6] + self.offset
 
 
@@ -1977,8 +1969,9 @@ def pixel_features(u8_nchw, offset=0.0):
 
 
 def test_statistics_are_float64_mean_over_images_and_covariance_over_n_minus_1():
-    """Features near 1000 with a spread of ~0.3: float32 arithmetic would be off by ~6e-5 in the
-    mean; float64's round-off is ~1e-13. Batches of 3, 3, 1: a mean of batch means would differ."""
+    """pytorch-fid's statistics: float64 mean and np.cov (N - 1). Features near 1000 with a
+    spread of ~0.3: float32 arithmetic would be off by ~6e-5 in the mean; float64's round-off is
+    ~1e-13. Batches of 3, 3, 1: a mean of batch means would differ."""
     x = images(7, size=4, seed=3)
     mu, sigma = fid.feature_stats(Pixels(1000.0), x, batch_size=3)
     f = pixel_features(x.transpose(0, 3, 1, 2), 1000.0)
@@ -2000,6 +1993,8 @@ def test_progress_counts_images_with_the_total(capsys):
 
 @pytest.mark.parametrize("n", [5, 6])  # Pixels has 6 features; the network 2048
 def test_warning_below_as_many_images_as_features(capsys, n):
+    """FID depends on N (compare at equal N; the released code's 10,000): below as many images
+    as features the covariance is singular, and a warning says so."""
     fid.feature_stats(Pixels(), images(n, size=4), desc="FID real")
     warned = re.findall("^warning: .*", capsys.readouterr().err, re.M)
     assert warned == (["warning: FID real: 5 images < 6 features, so the covariance is singular "
@@ -2009,16 +2004,27 @@ def test_warning_below_as_many_images_as_features(capsys, n):
 
 @pytest.mark.parametrize("before", [True, False])
 def test_features_are_computed_without_tf32_and_the_settings_restored(before):
-    flags = torch.backends.cudnn, torch.backends.cuda.matmul
+    """TF32 (cuDNN's default on recent GPUs) makes the features drift, so reference-grade FID
+    turns it off: the network's forward, during feature_stats, sees both switches off; after it,
+    after an error too, they are the caller's again."""
+    flags, seen = (torch.backends.cudnn, torch.backends.cuda.matmul), []
+
+    class Recording(Pixels):  # what the switches are while the network runs
+        def forward(self, x):
+            seen.append([f.allow_tf32 for f in flags])
+            return super().forward(x)
     saved = [f.allow_tf32 for f in flags]
     try:
         for f in flags:
             f.allow_tf32 = before
-        net = Pixels()
+        net = Recording()
         fid.feature_stats(net, images(3))
+        assert len(seen) == 1 and seen[0] == [False, False]
+        assert [f.allow_tf32 for f in flags] == [before] * 2
         with pytest.raises(TypeError):  # restored after an error too
             fid.feature_stats(net, [images(2), np.array(["junk"])])
-        assert net.tf32 == {(False, False)} and [f.allow_tf32 for f in flags] == [before] * 2
+        assert len(seen) == 2 and seen[1] == [False, False]
+        assert [f.allow_tf32 for f in flags] == [before] * 2
     finally:
         for f, value in zip(flags, saved):
             f.allow_tf32 = value
@@ -2054,39 +2060,6 @@ def test_interrupted_save_leaves_no_statistics(tmp_path):
     with pytest.raises(KeyboardInterrupt):
         fid.save_stats(tmp_path / "stats.npz", np.zeros(3), Unwritable())
     assert files_under(tmp_path) == []
-
-
-def npz_without_sigma(p):
-    np.savez(p / "mu.npz", mu=np.zeros(2))
-    return str(p / "mu.npz")
-
-
-def junk_npz(p):
-    (p / "junk.npz").write_bytes(b"junk")
-    return str(p / "junk.npz")
-
-
-def empty_npz(p):
-    (p / "empty.npz").write_bytes(b"")
-    return str(p / "empty.npz")
-
-
-def array_named_npz(p):  # np.save's format, not np.savez's
-    with open(p / "array.npz", "wb") as f:
-        np.save(f, np.zeros(2))
-    return str(p / "array.npz")
-
-
-@pytest.mark.parametrize("setup, message", [
-    (junk_npz, "junk.npz: .*pickle"),
-    (npz_without_sigma, "mu.npz: .*sigma"),
-    (empty_npz, "empty.npz: No data left in file"),
-    (array_named_npz, "array.npz: .*ndarray"),
-], ids=["junk", "no sigma", "empty", "npy format"])
-def test_load_stats_refuses_a_bad_file_in_one_line(tmp_path, setup, message):
-    with pytest.raises(DataError, match=f"^cannot read statistics .* from .*{message}") as e:
-        fid.load_stats(setup(tmp_path))
-    assert "\n" not in str(e.value)
 
 
 # =============================================================================================
@@ -2150,34 +2123,51 @@ def unreadable_image(p):
     return folder
 
 
-def image_array(p):  # uint8 image arrays are no input (save them as image files)
-    np.save(p / "x.npy", images(3))
-    return str(p / "x.npy")
-
-
 def mixed_sizes(p):
     folder = write_folder(p / "images", images(2))
     Image.fromarray(images(1, size=12)[0]).save(p / "images" / "03.png")
     return folder
 
 
+def npy_bytes(array):
+    buf = io.BytesIO()
+    np.save(buf, array)
+    return buf.getvalue()
+
+
+def bad_npz(name, write):  # a statistics file that fid.load_stats refuses
+    def setup(p):
+        write(p / name)
+        return str(p / name)
+    return setup
+
+
 @pytest.mark.parametrize("setup, message", [
-    (lambda p: write_folder(p / "one", images(1)), "one: 1 image; a covariance needs at least 2"),
-    (lambda p: write_folder(p / "empty", images(0)), "empty: neither .* nor a folder of images"),
+    (lambda p: write_folder(p / "one", images(1)), ".*one: 1 image; a covariance needs at least 2"),
+    (lambda p: write_folder(p / "empty", images(0)), ".*empty: neither .* nor a folder of images"),
     (unreadable_image, "cannot read the images from .*00.png on: .*03.png"),
     (mixed_sizes, "cannot read the images from .*00.png on: .*same shape"),
-    (junk_npz, "cannot read statistics .*junk.npz"),
-    (npz_without_sigma, "cannot read statistics .*mu.npz"),
-    (image_array, "x.npy: neither a statistics .npz"),
-    (lambda p: str(p / "missing.npz"), "missing.npz: neither"),
+    (bad_npz("junk.npz", lambda p: p.write_bytes(b"junk")),
+     r"cannot read statistics \(mu, sigma\) from .*junk.npz: .*pickle"),
+    (bad_npz("mu.npz", lambda p: np.savez(p, mu=np.zeros(2))),
+     "cannot read statistics .* from .*mu.npz: .*sigma"),
+    (bad_npz("empty.npz", lambda p: p.write_bytes(b"")),
+     "cannot read statistics .* from .*empty.npz: No data left in file"),
+    (bad_npz("array.npz", lambda p: p.write_bytes(npy_bytes(np.zeros(2)))),  # np.save's format
+     "cannot read statistics .* from .*array.npz: .*ndarray"),
+    (bad_npz("x.npy", lambda p: np.save(p, images(3))), ".*x.npy: neither a statistics .npz"),
+    (lambda p: str(p / "missing.npz"), ".*missing.npz: neither"),
 ], ids=["one image", "empty folder", "unreadable image", "mixed sizes", "junk npz",
-        "npz without sigma", "npy", "missing npz"])
+        "npz without sigma", "empty npz", "npy format npz", "npy", "missing npz"])
 def test_cli_errors(weights, tmp_path, capsys, setup, message):
+    """Each bad input (fid.load_stats' refusals among them): exit 1 with one line naming it,
+    after any progress line, and no statistics file written."""
     source = setup(tmp_path)
     code = fid.main([source, "--save-stats", str(tmp_path / "s.npz"), "--inception-weights",
                      str(weights[0]), "--device", "cpu"])
     err = capsys.readouterr().err
-    assert code == 1 and re.search(f"^error: .*{message}", err, re.M)
+    error = err[err.index("error: "):]
+    assert code == 1 and re.match(f"error: {message}", error) and error.count("\n") == 1, err
     assert not os.path.exists(tmp_path / "s.npz")
 
 
