@@ -1052,13 +1052,6 @@ def cifar_tarball(path, module="numpy._core", replace=None):
         return hashlib.md5(f.read()).hexdigest()
 
 
-@pytest.fixture
-def cifar_dir(tmp_path, monkeypatch):
-    root = tmp_path / "data"
-    monkeypatch.setattr(data, "CIFAR_MD5", cifar_tarball(root / "cifar-10-python.tar.gz"))
-    return root
-
-
 def test_official_constants():
     """The reference's facts that the fixtures below replace with small ones."""
     assert data.CIFAR_MD5 == "c58f30108f718f92721af3b95e74349a"
@@ -1116,30 +1109,6 @@ def test_cifar_download_verified_before_use(tmp_path, monkeypatch, capsys, outco
     assert f"\rdownloading {data.CIFAR_URL} 0/163 MiB, " in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("download, message", [(True, "could not download"),
-                                               (False, "not found; download")])
-def test_cifar_missing_tarball_names_url_and_path(tmp_path, monkeypatch, download, message):
-    root = tmp_path / "data"
-    if not download:  # not even tried
-        monkeypatch.setattr(data.urllib.request, "urlopen", lambda *a, **k: pytest.fail("fetched"))
-    with pytest.raises(data.DataError, match=message) as e:
-        data.load_split("cifar10", "train", root, download=download)
-    assert data.CIFAR_URL in str(e.value) and str(root / "cifar-10-python.tar.gz") in str(e.value)
-    assert not root.exists() or files_under(root) == []  # no partial download left behind
-
-
-def test_cifar_corrupt_local_tarball_is_refused_and_kept(cifar_dir):
-    tarball = cifar_dir / "cifar-10-python.tar.gz"
-    tarball.write_bytes(tarball.read_bytes()[:1000])  # a truncated copy put there by hand
-    found = hashlib.md5(tarball.read_bytes()).hexdigest()
-    with pytest.raises(data.DataError) as e:
-        data.load_split("cifar10", "train", cifar_dir)
-    msg = str(e.value)
-    assert f"{tarball} has MD5 {found}, not {data.CIFAR_MD5}" in msg
-    assert data.CIFAR_URL in msg and "--dataset folder" in msg
-    assert files_under(cifar_dir) == ["cifar-10-python.tar.gz"]  # not ours to delete
-
-
 @pytest.mark.parametrize("gadget", ["os.system", "builtins.open"])
 def test_cifar_malicious_pickle_is_not_executed(tmp_path, monkeypatch, gadget):
     root, marker = tmp_path / "data", tmp_path / "pwned"
@@ -1153,19 +1122,6 @@ def test_cifar_malicious_pickle_is_not_executed(tmp_path, monkeypatch, gadget):
         data.load_split("cifar10", "test", root)
     assert not marker.exists()
     assert files_under(root) == ["cifar-10-python.tar.gz"]
-
-
-def test_cifar_jpeg_round_trip_of_both_splits(cifar_dir):
-    for split, pixels in [("train", TRAIN), ("test", TEST)]:
-        x = data.load_split("cifar10", split, cifar_dir, jpeg=75)
-        np.testing.assert_array_equal(x, np.stack([jpeg_round_trip(a, 75) for a in pixels]))
-        assert np.abs(x.astype(int) - pixels).max() > 0  # lossy indeed
-    q95 = data.load_split("cifar10", "test", cifar_dir, jpeg=95)
-    np.testing.assert_array_equal(q95, np.stack([jpeg_round_trip(a, 95) for a in TEST]))
-    np.testing.assert_array_equal(data.load_split("cifar10", "test", cifar_dir), TEST)
-    assert files_under(cifar_dir) == ["cifar-10-python.tar.gz", "cifar10_test.npy",
-                                      "cifar10_test_jpeg75.npy", "cifar10_test_jpeg95.npy",
-                                      "cifar10_train_jpeg75.npy"]
 
 
 # =============================================================================================
@@ -1207,9 +1163,12 @@ def make_celeba(root, n=5):
         save_png(root / "celeba" / "img_align_celeba" / f"{k + 1:06d}.jpg", celeba_image(k))
 
 
+SMALL_CELEBA = {"train": (0, 3), "valid": (3, 4), "test": (4, 5)}  # splits of 5 files
+
+
 @pytest.fixture
 def small_celeba_splits(monkeypatch):
-    monkeypatch.setattr(data, "CELEBA_SPLITS", {"train": (0, 3), "valid": (3, 4), "test": (4, 5)})
+    monkeypatch.setattr(data, "CELEBA_SPLITS", SMALL_CELEBA)
 
 
 def test_celeba_crop_resize_and_split_by_sorted_index(tmp_path, small_celeba_splits):
@@ -1229,14 +1188,6 @@ def test_celeba_cache_is_per_size_and_resize_mode(tmp_path, small_celeba_splits)
     for size, mode in [(64, "nearest"), (16, "lanczos")]:
         with pytest.raises(data.DataError, match="found 0 of CelebA's 202,599 images"):
             data.load_split("celeba", "test", tmp_path, size, mode)
-
-
-def test_celeba_jpeg_comes_after_crop_and_resize(tmp_path, small_celeba_splits):
-    make_celeba(tmp_path)
-    lossless = data.load_split("celeba", "train", tmp_path)
-    x = data.load_split("celeba", "train", tmp_path, jpeg=75)
-    np.testing.assert_array_equal(x, np.stack([jpeg_round_trip(a, 75) for a in lossless]))
-    assert os.path.exists(tmp_path / "celeba" / "train_64_bilinear_jpeg75.npy")
 
 
 # =============================================================================================
@@ -1378,35 +1329,6 @@ def test_each_resize_mode_is_its_pil_filter_and_default_bilinear(tmp_path, mode,
     assert set(data.RESIZE_MODES) == {m.name.lower() for m in Image.Resampling}
 
 
-def test_folder_jpeg_round_trip_per_quality(tmp_path):
-    rng = np.random.default_rng(2)
-    smooth = np.cumsum(rng.integers(0, 9, (2, 16, 16, 3)), axis=2).astype(np.uint8)
-    flat = np.full((16, 16, 3), (200, 30, 90), np.uint8)  # 8x8-aligned blocks of one colour
-    for k, a in enumerate([smooth[0], smooth[1], flat]):
-        save_png(str(tmp_path / "imgs" / f"{k}.png"), a)
-    x75 = data.load_split("folder", "train", tmp_path / "imgs", 16, jpeg=75)
-    x95 = data.load_split("folder", "train", tmp_path / "imgs", 16, jpeg=95)
-    for x, q in [(x75, 75), (x95, 95)]:
-        np.testing.assert_array_equal(x[:2], [jpeg_round_trip(a, q) for a in smooth])
-    assert np.abs(x75[2].astype(int) - flat).max() <= 2  # survives almost exactly
-    assert not np.array_equal(x75[:2], x95[:2])
-    lossless = data.load_split("folder", "train", tmp_path / "imgs", 16)
-    np.testing.assert_array_equal(lossless, [smooth[0], smooth[1], flat])
-    names = [os.path.basename(f) for f in files_under(tmp_path / "cache") if f.endswith(".npy")]
-    assert sorted(names) == ["train_16_bilinear.npy", "train_16_bilinear_jpeg75.npy",
-                             "train_16_bilinear_jpeg95.npy"]
-
-
-def test_folder_jpeg_comes_after_crop_and_resize(tmp_path):
-    """A 40x30 image resized to 12: the JPEG round trip of the 12x12 result, not the resize of
-    a round-tripped original."""
-    a = np.random.default_rng(3).integers(0, 256, (30, 40, 3), dtype=np.uint8)
-    save_png(str(tmp_path / "0.png"), a)
-    small = Image.fromarray(a[:, 5:35]).resize((12, 12), Image.BILINEAR)
-    np.testing.assert_array_equal(data.load_split("folder", "train", tmp_path, 12, jpeg=75)[0],
-                                  jpeg_round_trip(small, 75))
-
-
 def test_undecodable_image_is_named_and_no_cache_is_left(tmp_path):
     make_folder(tmp_path / "imgs", NESTED)
     (tmp_path / "imgs" / "c" / "1.png").write_bytes(b"\x89PNG but not really")
@@ -1416,6 +1338,48 @@ def test_undecodable_image_is_named_and_no_cache_is_left(tmp_path):
     make_folder(tmp_path / "imgs", NESTED)  # repaired: the next call prepares a good cache
     x = data.load_split("folder", "train", tmp_path / "imgs", 15)
     np.testing.assert_array_equal(x, colours([0, 1, 2, 3, 4, 5, 6, 7, 8, 10, 11]))
+
+
+# =============================================================================================
+# data.py: the JPEG round trip (CIFAR-10, CelebA, folders)
+# =============================================================================================
+@pytest.mark.parametrize("dataset", ["cifar10", "celeba", "folder"])
+def test_jpeg_round_trip_comes_after_crop_and_resize(tmp_path, monkeypatch, dataset):
+    """--jpeg q is the released preprocessing's imsave(.jpg) + imread (Pillow's defaults, 4:2:0;
+    the reference's quality is 75) of the final image: CIFAR-10's pixels (both splits), CelebA
+    cropped and resized to 64, a folder's centre square resized (a 40x30 file among 16x16 ones),
+    not a resize of a round-tripped file. Lossy; each quality its own cache; lossless by default,
+    and unchanged."""
+    root = tmp_path / "data"
+    if dataset == "cifar10":
+        monkeypatch.setattr(data, "CIFAR_MD5", cifar_tarball(root / "cifar-10-python.tar.gz"))
+        size, want = 32, {"train": TRAIN, "test": TEST}
+    elif dataset == "celeba":
+        monkeypatch.setattr(data, "CELEBA_SPLITS", SMALL_CELEBA)
+        make_celeba(root)
+        size = 64  # the lossless images' crop and resize: test_celeba_crop_resize_and_split_...
+        want = {"train": np.array(data.load_split("celeba", "train", root))}
+    else:
+        rng = np.random.default_rng(2)
+        smooth = np.cumsum(rng.integers(0, 9, (2, 16, 16, 3)), axis=2).astype(np.uint8)
+        flat = np.full((16, 16, 3), (200, 30, 90), np.uint8)  # 8x8-aligned blocks of one colour
+        wide = np.random.default_rng(3).integers(0, 256, (30, 40, 3), dtype=np.uint8)
+        for k, a in enumerate([smooth[0], smooth[1], flat, wide]):
+            save_png(str(root / f"{k}.png"), a)
+        square = Image.fromarray(wide[:, 5:35]).resize((16, 16), Image.BILINEAR)
+        size, want = 16, {"train": np.stack([*smooth, flat, np.asarray(square)])}
+    x = {q: {s: data.load_split(dataset, s, root, size, jpeg=q) for s in want} for q in (75, 95)}
+    for q, s in ((q, s) for q in x for s in want):
+        np.testing.assert_array_equal(x[q][s], np.stack([jpeg_round_trip(a, q) for a in want[s]]))
+        assert np.abs(x[q][s].astype(int) - want[s]).max() > 0  # lossy indeed
+        assert not np.array_equal(x[75][s], x[95][s])
+        np.testing.assert_array_equal(data.load_split(dataset, s, root, size), want[s])
+    if dataset == "folder":
+        assert np.abs(x[75]["train"][2].astype(int) - flat).max() <= 2  # survives almost exactly
+    names = [f"cifar10_{s}" if dataset == "cifar10" else f"{s}_{size}_bilinear" for s in want]
+    caches = [os.path.basename(f) for f in files_under(tmp_path) if f.endswith(".npy")]
+    kinds = ("", "_jpeg75", "_jpeg95")
+    assert sorted(caches) == sorted(f"{n}{j}.npy" for n in names for j in kinds)
 
 
 # =============================================================================================
@@ -1470,6 +1434,13 @@ def test_split_size_of_a_folder_counts_its_files(tmp_path, monkeypatch, rels, tr
 
 @pytest.mark.parametrize("setup, call, message", [
     (None, ("cifar10", "train", "{tmp}", 64), "CIFAR-10 images are 32x32, not 64x64"),
+    (None, ("cifar10", "train", "{tmp}"),
+     "could not download {url} .*; put it at {tmp}/cifar-10-python.tar.gz"),  # offline
+    ("no download", ("cifar10", "train", "{tmp}"),
+     "{tmp}/cifar-10-python.tar.gz not found; download {url} and put it there"),
+    ("tarball by hand", ("cifar10", "train", "{tmp}"),  # a truncated copy
+     "{tmp}/cifar-10-python.tar.gz has MD5 {md5}, not {official}: put the official {url} .*"
+     "or use --dataset folder"),
     (None, ("folder", "train", "{tmp}/nowhere"), "no images in any split of .*nowhere"),
     ("one image", ("folder", "train", "{tmp}/0.png"), "no images in any split of .*0.png"),
     (None, ("folder", "train", "{tmp}", 8), "no images in any split of"),
@@ -1479,15 +1450,25 @@ def test_split_size_of_a_folder_counts_its_files(tmp_path, monkeypatch, rels, tr
      r"found 0 of CelebA's 202,599 images; unzip img_align_celeba.zip from .* in .*celeba"),
     ("celeba", ("celeba", "train", "{tmp}"), "found 5 of CelebA's 202,599 images"),
 ])
-def test_bad_input_gives_clear_error(tmp_path, setup, call, message):
+def test_bad_input_gives_clear_error(tmp_path, monkeypatch, setup, call, message):
+    """One line naming the problem, the path and what to do; nothing left behind: no cache, no
+    partial download, a tarball put there by hand kept (not ours to delete)."""
     if setup == "one image":
         make_folder(tmp_path, ["0.png"])
     elif setup == "celeba":
         make_celeba(tmp_path)
+    elif setup == "tarball by hand":
+        (tmp_path / "cifar-10-python.tar.gz").write_bytes(b"truncated")
+    elif setup == "no download":  # not even tried
+        monkeypatch.setattr(data.urllib.request, "urlopen", lambda *a, **k: pytest.fail("fetched"))
+    before = files_under(tmp_path)
     args = [a.format(tmp=tmp_path) if isinstance(a, str) else a for a in call]
-    with pytest.raises(data.DataError, match=message):
-        data.load_split(*args)
-    assert not (tmp_path / "cache").exists()
+    message = message.format(tmp=re.escape(str(tmp_path)), url=re.escape(data.CIFAR_URL),
+                             md5=hashlib.md5(b"truncated").hexdigest(), official=data.CIFAR_MD5)
+    with pytest.raises(data.DataError, match=message) as e:
+        data.load_split(*args, download=setup != "no download")
+    assert "\n" not in str(e.value)
+    assert files_under(tmp_path) == before and not (tmp_path / "cache").exists()
 
 
 # =============================================================================================
@@ -1592,6 +1573,14 @@ def test_to_uint8_inverts_batches():
     x = np.random.default_rng(0).integers(0, 256, (7, 5, 6, 3), dtype=np.uint8)
     (batch,) = data.Batches(x, 7, shuffle=False).epoch(0)
     np.testing.assert_array_equal(data.to_uint8(batch), x)
+
+
+def test_to_uint8_saturates_instead_of_wrapping():
+    """Values outside [0, 1] (a rescaled sample, or round-off) saturate at 0 and 255 instead of
+    wrapping around modulo 256 (-0.5 would be 128, 1.7 would be 178): 1.0 is 255, and 0.5
+    (127.5 levels) rounds to 128, as the real images' files are quantised."""
+    x = torch.tensor([-0.5, 1.7, 1.0, 0.5, -2.0, 3.0]).view(1, 1, 1, 6)
+    assert data.to_uint8(x).ravel().tolist() == [0, 255, 255, 128, 0, 255]
 
 
 # =============================================================================================
