@@ -1,11 +1,47 @@
-"""Tests for the whole project (pytest, CPU only, no network; fixtures are built in tmp_path or
-read from testdata/).
+"""Tests for the whole project: pytest, CPU only, no network. Run: python -m pytest -q
 
-Each test compares with an independent value: a hand computation, a closed form,
-torch.distributions, numpy/scipy, files built with known contents, or features computed by
-torchvision and pytorch-fid (testdata/inception_features.npz). Each behaviour that the paper,
-the released code or the evaluation protocol defines has a test that fails when it changes by
-one line. Run: python -m pytest -q"""
+Each test compares with an independent value (a hand computation, a closed form,
+torch.distributions, numpy/scipy, files of known contents, features computed by torchvision and
+pytorch-fid). Each rule of the paper, the released code or Dai & Wipf has a test naming its
+source; other tests read the rule (vae.kl_weight_for, train.paper_defaults, ...) rather than
+restate it, so a changed rule fails its own tests only. Read-only checks share one tiny trained
+run (the `shared` fixture); a test that changes a run works on a copy.
+
+INDEX: paper (or released code) behaviour -> test
+eq. 7 + k eq. 3 loss (eq. 9 up to constants)   -> test_loss_equals_hand_computation
+eq. 3 KL                                        -> test_kl_equals_torch_distributions
+k by pixel count, 4.2                           -> test_kl_weight_by_pixel_count
+computed gamma = sqrt(mse estimate), section 3  -> test_computed_gamma_follows_the_rule
+gamma a constant (eq. 9); learned gamma (D & W) -> test_gradients_computed_vs_learned
+gamma updated after each minibatch              -> test_gamma_update_follows_each_step
+stage-1 network, Fig. 1                         -> test_stage1_shapes, ..._matches_reference_layout
+stage-2 network (Dai & Wipf)                    -> test_stage2_concatenates_its_input_in_both_...
+TF1 batch norm, debiased averages (D & W)       -> test_batch_norm_moving_averages_are_debiased
+z = mu + sigma eps; REC, GEN-1, GEN-2 sampling   -> test_sampling_in_training_and_evaluation
+variance law eq. 6, inactive footnote 3         -> test_variance_law_and_inactive_latents_by_...
+settings of 4.1 / 4.2 (and the released code's) -> test_defaults_are_the_papers_numbers
+lr halved every 200 epochs, 4.1                 -> test_learning_rate_halves_every_200_epochs
+Adam with TF1's defaults, 4                     -> test_adam_is_tf1s
+l2 on the resampling kernels, 4.2               -> test_l2_penalty_is_on_the_resampling_kernels
+training lowers mse and gamma                   -> test_training_lowers_mse_and_writes_outputs
+new noise every epoch                           -> test_each_epoch_draws_new_noise
+stage 2 on fresh latents z = mu + sigma eps     -> test_stage2_trains_on_fresh_latents_each_epoch
+... of the frozen stage-1 encoder (D & W)       -> test_limit_draws_a_seeded_subset_kept_by_...
+evaluation protocol, 4-5; latent norm., 4.2     -> test_eval_follows_the_protocol
+REC / GEN-1 / GEN-2 FID against the test set    -> test_eval_scores_each_set_against_the_test_...
+E[sigma^2] per latent and epoch, Fig. 6-7       -> test_heatmap_cells_and_scale
+CIFAR-10, 4.1: the official files               -> test_cifar_pixels_exact_and_cached
+CelebA, 4.2: crop 45:173 x 25:153, 64x64, split -> test_celeba_crop_resize_and_split_by_sorted_...
+the reference's JPEG round trip (q 75)          -> test_jpeg_round_trip_comes_after_crop_and_...
+resize filter matters, Fig. 3                   -> test_resize_modes_really_differ
+FID (Heusel et al.; pytorch-fid)                -> test_frechet_distance_closed_forms,
+                                                   test_frechet_distance_matches_sqrtm_and_...
+Inception features (torchvision, the TF graph)  -> test_features_match_torchvision_and_pytorch_fid
+the TF graph's four pools (pytorch-fid)         -> test_pool_branches, test_each_block_pools_...
+float64 statistics, covariance over N - 1       -> test_statistics_are_float64_mean_over_images_...
+FID depends on N (10,000 in the released code)  -> test_warning_below_as_many_images_as_features
+TF32 off for FID                                -> test_features_are_computed_without_tf32_...
+"""
 import argparse
 import builtins
 import contextlib
@@ -41,9 +77,7 @@ import vae
 from data import DataError
 
 
-# =============================================================================================
-# shared helpers and fixtures
-# =============================================================================================
+# === shared helpers and fixtures =================================================================
 def no_network(*args, **kwargs):
     raise urllib.error.URLError("no network")
 
@@ -86,7 +120,7 @@ def no_image_opens(monkeypatch):
 
 
 class Gadget:
-    """Unpickling it calls func(*args): what a tampered batch would do."""
+    """Unpickling it calls func(*args): what a tampered file would do."""
     def __init__(self, func, *args):
         self.func, self.args = func, args
 
@@ -94,10 +128,10 @@ class Gadget:
         return self.func, self.args
 
 
-# =============================================================================================
-# vae.py: loss, eq. 3/7/9 and k (4.2)
-# =============================================================================================
+# === vae.py: the loss, eq. 3, 7, 9, and k (4.2) ==================================================
 def test_loss_equals_hand_computation():
+    """eq. 7 summed over the D values of a sample plus k times eq. 3 (eq. 9 up to constants),
+    averaged over the batch; mse is the mean over all values, kl eq. 3's batch mean."""
     x = torch.tensor([[0.0, 1.0], [0.5, 0.25]])
     x_hat = torch.tensor([[0.2, 0.6], [0.5, 0.75]])
     mu = torch.tensor([[0.0], [1.0]])
@@ -115,6 +149,7 @@ def test_loss_equals_hand_computation():
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_kl_equals_torch_distributions(seed):
+    """eq. 3: KL(N(mu, sigma^2) || N(0, I)) summed over the latents."""
     g = torch.Generator().manual_seed(seed)
     mu, logsd = torch.randn(5, 7, generator=g), torch.randn(5, 7, generator=g)
     ref = kl_divergence(Normal(mu, logsd.exp()), Normal(0.0, 1.0)).sum(1)
@@ -123,14 +158,17 @@ def test_kl_equals_torch_distributions(seed):
 
 @pytest.mark.parametrize("side,k", [(32, 1.0), (64, 4.0)])
 def test_kl_weight_by_pixel_count(side, k):
+    """Paper 4.2: CelebA's 64x64 has 4x CIFAR-10's pixels with the same 64 latents, so 4x the KL
+    weight: k = 1 at 32x32, 4 at 64x64, in the paper's settings too."""
     assert vae.kl_weight_for(side) == k
     assert train.paper_defaults("celeba" if side == 64 else "cifar10", side, 1)["kl_weight"] == k
 
 
-# =============================================================================================
-# vae.py: gamma, section 3
-# =============================================================================================
+# === vae.py: gamma, section 3 ====================================================================
 def test_computed_gamma_follows_the_rule():
+    """Section 3 (0.99, 0.01 and the start at 1.0 are the released code's): after each batch
+    mse_est = min(mse_est, 0.99 mse_est + 0.01 batch_mse) and gamma = sqrt(mse_est), so gamma
+    never increases (over 500 random batches too)."""
     g = vae.ComputedGamma()
     est, seen = 1.0, []
     for batch_mse in [0.5, 2.0, 0.1, 0.1, 3.0, 0.01]:
@@ -141,17 +179,15 @@ def test_computed_gamma_follows_the_rule():
     assert seen[0] == pytest.approx(math.sqrt(0.995), rel=1e-6)  # 0.99 * 1 + 0.01 * 0.5
     assert seen[1] == seen[0]  # a batch above the estimate leaves it unchanged
     assert seen[4] == seen[3]
-
-
-def test_computed_gamma_never_increases():
-    g, prev = vae.ComputedGamma(), 1.0
     for batch_mse in torch.rand(500, generator=torch.Generator().manual_seed(0)) * 2:
+        before = g().item()
         g.update(batch_mse)
-        assert g().item() <= prev
-        prev = g().item()
+        assert g().item() <= before
 
 
 def test_gradients_computed_vs_learned():
+    """eq. 9: the computed gamma enters the loss as a constant (no parameter, no gradient through
+    it); Dai & Wipf's learned log gamma gets d loss / d log gamma = D - sse / gamma^2 (eq. 8)."""
     x, x_hat = torch.rand(4, 6), torch.rand(4, 6, requires_grad=True)
     mu, logsd = torch.zeros(4, 2), torch.zeros(4, 2)
     computed = vae.ComputedGamma()
@@ -170,11 +206,11 @@ def test_gradients_computed_vs_learned():
     assert learned.log_gamma.grad.item() == pytest.approx((6 - sse).mean().item(), rel=1e-5)
 
 
-# =============================================================================================
-# vae.py: networks, Fig. 1 (Dai & Wipf)
-# =============================================================================================
+# === vae.py: the networks, Fig. 1 (Dai & Wipf's) =================================================
 @pytest.mark.parametrize("side,num_scale", [(16, 2), (32, 3), (64, 4)])
 def test_stage1_shapes(side, num_scale):
+    """Fig. 1: images in, images out through a sigmoid, mu and log sigma per latent; num_scale - 1
+    stride-2 convolutions down, log2(side) - 1 transposed ones up from 2x2."""
     m = vae.VAE(side, latent_dim=8, base_dim=4, fc_dim=16, num_scale=num_scale)
     x = torch.rand(3, 3, side, side)
     x_hat, mu, logsd = m(x)
@@ -185,7 +221,8 @@ def test_stage1_shapes(side, num_scale):
 
 
 def test_stage1_matches_reference_layout():
-    # Dai & Wipf's decoder: for 32x32 with base 32 it runs 512 (2x2) -> 256 -> 128 -> 64 -> 32
+    """Dai & Wipf's decoder: for 32x32 with base 32 it runs 512 (2x2) -> 256 -> 128 -> 64 -> 32;
+    the encoder doubles 32 -> 64 -> 128; batch norm as TF's (decay 0.999, epsilon 1e-5)."""
     m = vae.VAE(32)
     ups = [mod for mod in m.decoder.modules() if isinstance(mod, torch.nn.ConvTranspose2d)]
     assert m.fc0.out_features == 4 * 512 and [u.out_channels for u in ups] == [256, 128, 64, 32]
@@ -196,17 +233,14 @@ def test_stage1_matches_reference_layout():
     assert (bn.decay, bn.eps) == (0.999, 1e-5)  # TF's batch_norm
 
 
-def test_stage2_shapes():
-    m = vae.SecondStage(latent_dim=8, dim=32, depth=3)
-    z_hat, mu, logsd = m(torch.randn(5, 8))
-    assert z_hat.shape == mu.shape == logsd.shape == (5, 8)
-    assert m.mu.in_features == 32 + 8  # skip-concatenation of the input
-
-
 def test_stage2_concatenates_its_input_in_both_directions():
     """Dai & Wipf's second stage: [z, mlp(z)] -> mu_u, log sigma_u; [u, mlp(u)] -> z_hat."""
-    m = vae.SecondStage(latent_dim=3, dim=5, depth=2)
+    m = vae.SecondStage(latent_dim=3, dim=5, depth=3)
     z = torch.randn(4, 3)
+    z_hat, mu, logsd = m(z)
+    assert z_hat.shape == mu.shape == logsd.shape == (4, 3)
+    assert m.mu.in_features == 5 + 3  # skip-concatenation of the input
+
     def mlp(seq, v):
         for lin in seq[::2]:
             v = torch.relu(v @ lin.weight.T + lin.bias)
@@ -240,23 +274,20 @@ def test_batch_norm_moving_averages_are_debiased():
     torch.testing.assert_close(bn.eval()(x), y, rtol=1e-4, atol=1e-5)
 
 
-def test_training_forward_samples_z_with_the_reparametrisation_trick():
-    m = vae.VAE(16, 8, 4, 16, 2).eval()  # eval: batch norm deterministic, the noise remains
-    x = torch.rand(3, 3, 16, 16)
-    torch.manual_seed(5)
-    x_hat, mu, logsd = m(x)
-    torch.manual_seed(5)
-    eps = torch.randn(3, 8)
-    with torch.no_grad():
-        torch.testing.assert_close(x_hat, m.decode(mu + logsd.exp() * eps))
-        assert (x_hat - m.decode(mu)).abs().max() > 1e-3  # the noise matters
-
-
-def test_reconstruction_and_sampling_follow_the_released_protocol():
-    """REC decodes a sampled z = mu + sigma eps (not mu); GEN-1 decodes z ~ N(0, I); GEN-2 takes
-    u ~ N(0, I) through the stage-2 decoder; all from the caller's generator, in that order."""
-    m1, m2 = vae.VAE(16, 8, 4, 16, 2).eval(), vae.SecondStage(8, 16, 2).eval()
+def test_sampling_in_training_and_evaluation():
+    """Training decodes z = mu + sigma * eps, eps ~ N(0, I) (the reparametrisation trick). The
+    released code's evaluation: REC decodes a sampled z = mu + sigma eps (not mu), GEN-1
+    z ~ N(0, I), GEN-2 u ~ N(0, I) through the stage-2 decoder; all from the caller's
+    generator, in that order."""
+    m1, m2 = vae.VAE(16, 8, 4, 16, 2).eval(), vae.SecondStage(8, 16, 2).eval()  # eval: no BN noise
     x = torch.rand(4, 3, 16, 16)
+    torch.manual_seed(5)
+    x_hat, mu, logsd = m1(x)
+    torch.manual_seed(5)
+    eps = torch.randn(4, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(x_hat, m1.decode(mu + logsd.exp() * eps))
+        assert (x_hat - m1.decode(mu)).abs().max() > 1e-3  # the noise matters
     r, mu, logsd = vae.reconstruct(m1, x, torch.Generator().manual_seed(1))
     eps = torch.randn(4, 8, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
@@ -268,24 +299,19 @@ def test_reconstruction_and_sampling_follow_the_released_protocol():
         torch.testing.assert_close(vae.sample_latents(m1, m2, 6, g, "cpu"), m2.decode(z2))
 
 
-# =============================================================================================
-# vae.py: latent statistics, eq. 6, footnote 3
-# =============================================================================================
-def test_variance_law_closed_form():
+# === vae.py: latent statistics, eq. 6, footnote 3 ================================================
+def test_variance_law_and_inactive_latents_by_both_definitions():
+    """eq. 6 per latent: Var_X[mu(X)] + E_X[sigma^2(X)]; inactive when E[sigma^2] >= 0.8
+    (footnote 3). The released code puts E[sigma] in place of E[sigma^2]: a "limbo" latent with
+    sigma 0.85 (E[sigma^2] 0.7225) is active by the paper, inactive by the code; sigma 0.5 is
+    active by both, 1 by neither. Float32 inputs: the sums hold to ~1e-7."""
     mu = torch.tensor([[1.0, 0.0], [-1.0, 0.0], [3.0, 0.0], [-3.0, 0.0]])
     logsd = torch.log(torch.tensor([[0.1, 1.0], [0.1, 1.0], [0.1, 1.0], [0.1, 1.0]]))
     law, e_var = vae.variance_law(mu, logsd)
     torch.testing.assert_close(law, torch.tensor([5.0 + 0.01, 1.0], dtype=torch.float64))
     torch.testing.assert_close(e_var, torch.tensor([0.01, 1.0], dtype=torch.float64))
-    # the released code's statistic: E[sigma] in place of E[sigma^2]
     law, e_sd = vae.variance_law(mu, logsd, released=True)
     torch.testing.assert_close(law, torch.tensor([5.0 + 0.1, 1.0], dtype=torch.float64))
-
-
-def test_latent_summary_counts_both_definitions():
-    """A "limbo" latent with sigma 0.85 (E[sigma^2] 0.7225): active by the paper's footnote 3,
-    inactive by the released code's E[sigma] >= 0.8; sigma 0.5 is active by both, 1 by neither.
-    The inputs are float32, so the sums hold to its precision (~1e-7)."""
     logsd = torch.log(torch.tensor([[0.85, 0.5, 1.0]])).repeat(4, 1)
     mu = torch.tensor([[0.1, 1.0, 0.0], [-0.1, -1.0, 0.0], [0.1, 1.0, 0.0], [-0.1, -1.0, 0.0]])
     row, e_var = vae.latent_summary(mu, logsd)
@@ -296,9 +322,7 @@ def test_latent_summary_counts_both_definitions():
                                rtol=1e-6, atol=0)
 
 
-# =============================================================================================
-# train.py: the tiny run, shared by the tests that only read it
-# =============================================================================================
+# === train.py: the tiny run, shared by the tests that only read it ===============================
 # Names the code is moving (train.build -> vae.build, train.save_grid -> data.save_grid): the
 # tests reach them only through these, so the move is a one-line edit here.
 build = train.build
@@ -388,16 +412,6 @@ def as_batch(images):
     return torch.from_numpy(np.array(images)).permute(0, 3, 1, 2).float() / 255
 
 
-def fails(capsys, fn, *argv, **kw):
-    """The one-line error (exit 1) of fn(*argv), nothing else on stderr."""
-    capsys.readouterr()
-    with pytest.raises(SystemExit) as e:
-        fn(*argv, **kw)
-    err = capsys.readouterr().err
-    assert e.value.code == 1 and err.startswith("error: ") and err.count("\n") == 1, err
-    return err
-
-
 def tiles(path, n, recon=False, side=16, ncol=8, pad=2):
     """The first n images of a grid written by save_grid: below its 20-px title, right of a
     recon grid's 60-px row names, each enlarged 4x (16 px to 64) and read back at 1x."""
@@ -406,9 +420,7 @@ def tiles(path, n, recon=False, side=16, ncol=8, pad=2):
                      for r, c in (divmod(i, ncol) for i in range(n))])
 
 
-# =============================================================================================
-# train.py: settings, 4.1/4.2
-# =============================================================================================
+# === train.py: settings, 4.1/4.2 =================================================================
 @pytest.mark.parametrize("dataset, side, stage, expected", [
     ("cifar10", 32, 1, dict(epochs=700, lr=1e-4, halve_every=200, kl_weight=1.0, l2=0.0,
                             num_scale=3, second_dim=2048)),
@@ -456,10 +468,12 @@ def test_adam_is_tf1s():
         assert p.item() == pytest.approx(want, rel=1e-12)
 
 
-def test_a_new_run_takes_the_papers_settings_then_the_flags_given(shared):
+def test_a_new_run_takes_the_papers_settings_then_the_flags_given(shared, tmp_path):
     """A new stage 1 takes train.paper_defaults for its dataset and side, then the flags given;
     a new stage 2 the paper's stage-2 settings and stage 1's data and network, then its own
-    flags. The checkpoints keep them, the data's image counts and the stage 1 under stage 2."""
+    flags; a resume the checkpoint's, then --epochs. The checkpoints keep them with the image
+    counts and the stage 1 under stage 2; the start line names the source; a progress line
+    counts each epoch's images."""
     cfg1, cfg2 = (torch.load(os.path.join(shared.out, f"stage{s}.pt"), weights_only=True)["config"]
                   for s in (1, 2))
     want = train.paper_defaults("folder", 16, 1) | TINY_FLAGS | dict(epochs=EPOCHS[1])
@@ -472,12 +486,7 @@ def test_a_new_run_takes_the_papers_settings_then_the_flags_given(shared):
             "fc_dim", "num_scale", "images", "data_dir")
     assert {k: cfg2[k] for k in same} == {k: cfg1[k] for k in same}
     assert (cfg2["second_dim"], cfg2["batch_size"], cfg2["stage1_epoch"]) == (16, 10, EPOCHS[1])
-
-
-def test_the_start_line_names_the_settings_source(shared, tmp_path):
-    """The start line says what is trained, on what, and whence the settings come: the paper's
-    (then each flag given), a checkpoint's (then --epochs), or both for a new stage 2; a
-    progress line counts each epoch's images."""
+    # the start line says what is trained, on what, and whence the settings come
     paper = train.paper_defaults("folder", 16, 1)["paper"]
     assert re.search(
         r"stage 1 on cpu \(\d+ threads\): folder 60 train images 16x16, [\d,]+ parameters, "
@@ -498,9 +507,7 @@ def test_the_start_line_names_the_settings_source(shared, tmp_path):
     assert row["images_per_s"] * row["seconds"] == pytest.approx(60, rel=1e-9)  # 6 steps of 10
 
 
-# =============================================================================================
-# train.py: the training loop
-# =============================================================================================
+# === train.py: the training loop =================================================================
 def test_training_lowers_mse_and_writes_outputs(shared):
     """Stage 1's epochs: a metrics row each, the mse and gamma falling; the checkpoint holds the
     history and gamma's estimate (gamma^2); each epoch's lr (train.lr_at) reaches the optimizer;
@@ -520,43 +527,37 @@ def test_training_lowers_mse_and_writes_outputs(shared):
     assert ck["model"]["gamma.mse_est"].item() == pytest.approx(rows[-1]["gamma"] ** 2, rel=1e-5)
     assert ck["optimizer"]["param_groups"][0]["lr"] == lrs[-1]
     assert [r["epoch"] for r in metrics(out, 2)] == [1, 2] and len(metrics(out)) == 3
+    # the recon grid's originals: the training images at linspace(0, 59, 32) (across a folder
+    # sorted by class, not its first 32), in rows alternating with their reconstructions
+    pairs = tiles(os.path.join(shared.out, "recon_e0002.png"), 64, True)
+    want = np.linspace(0, 59, 32).astype(int)
+    files = [np.asarray(Image.open(shared.folder / "train" / f"{i:03d}.png")) for i in want]
+    for row in range(4):
+        np.testing.assert_array_equal(pairs[16 * row:16 * row + 8], files[8 * row:8 * row + 8])
 
 
-def test_gamma_update_follows_each_step():
-    """The released code's order: each step's loss (eq. 7 summed over D = 768 values, k = 4
-    here) is at gamma from the batches before it, then the estimate takes the step's batch mse
-    by the rule of vae.ComputedGamma (section 3), which this test reads rather than restates."""
+def test_a_step_is_eq_7_plus_k_eq_3_plus_l2_at_the_gamma_before_it():
+    """A step's loss: eq. 7 summed over D = 768 values at gamma from the batches before it, plus
+    k times eq. 3, plus l2 * sum(w^2) over the stride-2 kernels (paper 4.2: the resampling
+    layers, biases excluded); then the estimate takes the step's batch mse by the rule of
+    vae.ComputedGamma (section 3; the released code's order), read here, not restated."""
     torch.manual_seed(0)
     model = build(TINY_CFG, 1)
-    opt = train.make_optimizer(model, 1e-3, torch.device("cpu"))
-    step = train.make_step(model, opt, dict(kl_weight=4.0, l2=0.0), CPU)
+    step = train.make_step(model, train.make_optimizer(model, 1e-3, CPU.device),
+                           dict(kl_weight=4.0, l2=0.5), CPU)
+    kernels = [m.weight for m in model.modules() if isinstance(
+        m, (nn.Conv2d, nn.ConvTranspose2d)) and m.stride == (2, 2)]
+    assert len(kernels) == 1 + 3  # one down (16 -> 8), three up (2 -> 4 -> 8 -> 16)
     x, D, c = torch.rand(10, 3, 16, 16), 768, 0.5 * math.log(2 * math.pi)
     rule = vae.ComputedGamma()  # the rule, fed the same batch mses
     for _ in range(2):
         est = rule.mse_est.item()  # gamma^2 before the step: the start, then the first update
+        penalty = sum(k.detach().double().square().sum().item() for k in kernels)
         (loss, kl, mse), _, _ = step(x)
-        expected = D * mse.item() / (2 * est) + D * (0.5 * math.log(est) + c) + 4 * kl.item()
-        assert loss.item() == pytest.approx(expected, rel=1e-5)
+        gen = D * mse.item() / (2 * est) + D * (0.5 * math.log(est) + c)
+        assert loss.item() == pytest.approx(gen + 4 * kl.item() + 0.5 * penalty, rel=1e-5)
         rule.update(mse)
         assert model.gamma.mse_est.item() == pytest.approx(rule.mse_est.item(), rel=1e-6)
-
-
-def test_l2_penalty_is_on_the_resampling_kernels():
-    """l2 * sum(w^2) over the stride-2 convolutions' kernels (paper 4.2), biases excluded."""
-    losses = []
-    for l2 in (0.0, 0.5):
-        torch.manual_seed(0)
-        model = build(TINY_CFG, 1)
-        step = train.make_step(model, train.make_optimizer(model, 1e-3, CPU.device),
-                               dict(kl_weight=1.0, l2=l2), CPU)
-        torch.manual_seed(1)
-        kernels = [m.weight.detach().clone() for m in model.modules() if isinstance(
-            m, (nn.Conv2d, nn.ConvTranspose2d)) and m.stride == (2, 2)]
-        x = torch.rand(10, 3, 16, 16, generator=torch.Generator().manual_seed(1))
-        losses.append(step(x)[0][0].item())
-    assert len(kernels) == 1 + 3  # one down (16 -> 8), three up (2 -> 4 -> 8 -> 16)
-    penalty = sum(k.double().square().sum().item() for k in kernels)
-    assert losses[1] - losses[0] == pytest.approx(0.5 * penalty, rel=1e-4)
 
 
 def test_each_epoch_draws_new_noise(shared, tmp_path, monkeypatch):
@@ -626,9 +627,7 @@ def test_non_finite_loss_stops_and_keeps_last_checkpoint(tiny, monkeypatch, caps
     assert [r["epoch"] for r in metrics(out)] == [1]
 
 
-# =============================================================================================
-# train.py: resume and Ctrl-C
-# =============================================================================================
+# === train.py: resume and Ctrl-C =================================================================
 @pytest.mark.parametrize("stage, again, lose_line", [(1, False, False), (2, False, False),
                                                      (1, True, True)])
 def test_resume_equals_the_uninterrupted_run(shared, tiny, tmp_path, stage, again, lose_line):
@@ -697,9 +696,7 @@ def test_ctrl_c_keeps_the_last_epoch_and_says_how_to_go_on(shared, tiny, tmp_pat
         assert metrics(out) == metrics(shared.out)
 
 
-# =============================================================================================
-# train.py: refusals
-# =============================================================================================
+# === train.py: refusals ==========================================================================
 RESUME, EVAL = ["--epochs", "4", "--resume"], ["--eval", "--no-fid"]
 CONTRADICTIONS = [  # a flag given against stage1.pt (TINY's flags, the paper's k at 16x16)
     (["--img-size", "32"], "--img-size 32 contradicts .*stage1.pt, made with --img-size 16: "
@@ -718,7 +715,6 @@ COUNTS = ("img-size", "batch-size", "sample-every", "epochs", "limit", "halve-ev
 REFUSALS = [  # (what --out holds, the flags, the error); a new run is given TINY's flags too
     ("nothing", ["--img-size", "30"],
      "image side 30: .*power of two >= 4.*: choose another --img-size"),
-    ("nothing", ["--img-size", "48"], "image side 48: .*power of two >= 4"),
     ("nothing", ["--img-size", "2"], "image side 2: .*power of two >= 4"),
     ("nothing", ["--num-scale", "6"], r"image side 16: .*>= 2\^\(num_scale - 1\) = 32: choose"),
     ("nothing", ["--device", "cuda"], "--device cuda: this torch sees 0 CUDA devices"),
@@ -784,7 +780,11 @@ def test_refusals_come_first_in_one_line_and_change_nothing(shared, tmp_path, mo
     before = files_under(out)
     new = [*TINY, "--dataset", "folder", "--data-dir", str(shared.folder)]
     new = new if holds == "nothing" else []
-    err = fails(capsys, train.main, [*new, "--out", out, *argv])
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        train.main([*new, "--out", out, *argv])
+    err = capsys.readouterr().err
+    assert e.value.code == 1 and err.count("\n") == 1, err  # one line, nothing else
     assert re.match(f"error: {message}", err) and "weights_only" not in err
     assert files_under(out) == before
 
@@ -848,9 +848,7 @@ def test_moved_and_linked_data_is_the_same_data(shared, tmp_path):
     assert len(metrics(out, 2)) == 1 and os.path.exists(os.path.join(out, "eval.json"))
 
 
-# =============================================================================================
-# train.py: evaluation, sections 4-5
-# =============================================================================================
+# === train.py: evaluation, sections 4-5 ==========================================================
 @pytest.mark.parametrize("latent_norm", [False, True])
 def test_eval_follows_the_protocol(shared, tmp_path, capsys, latent_norm):
     """--eval's pictures and numbers against the protocol (paper 4-5, the released code's
@@ -956,17 +954,6 @@ class MeanPixel(nn.Module):
         return x.mean((2, 3))
 
 
-class MeanPixel(nn.Module):
-    """A stand-in Inception: each image's mean RGB as its 'features' (3 of them)."""
-
-    def __init__(self):
-        super().__init__()
-        self.unused = nn.Parameter(torch.zeros(()))  # where feature_stats finds the device
-
-    def forward(self, x):
-        return x.mean((2, 3))
-
-
 def test_real_statistics_are_cached_per_protocol(shared, tiny, tmp_path, monkeypatch):
     """Two runs on the same folder, lossless and with --jpeg 75: each --eval writes its own
     statistics file, holding the mean and covariance of its own protocol's test images."""
@@ -990,9 +977,7 @@ def test_real_statistics_are_cached_per_protocol(shared, tiny, tmp_path, monkeyp
         np.testing.assert_allclose(sigma, want, rtol=0, atol=1e-5 * np.abs(want).max())  # scale
 
 
-# =============================================================================================
-# pictures (train.py)
-# =============================================================================================
+# === pictures (train.py) =========================================================================
 @pytest.mark.parametrize("recon", [False, True])
 def test_grids_say_what_they_show_at_twice_32_px(tmp_path, recon):
     """A title above every grid; a recon grid names its rows (originals, then reconstructions,
@@ -1007,17 +992,6 @@ def test_grids_say_what_they_show_at_twice_32_px(tmp_path, recon):
     assert ink[:20].sum() > 50  # the title
     names = [ink[20 + r * 66:86 + r * 66, :60].sum() for r in range(rows)] if recon else [0]
     assert names == [0] or (names[0] == names[2] > names[1] == names[3] > 0)  # "original" > "recon"
-
-
-def test_training_recon_grid_spreads_its_images_over_the_split(shared):
-    """The recon grid's originals are the 32 images at linspace(0, 59, 32) of the training
-    split (sorted by name), in rows alternating with their reconstructions: from across a
-    folder sorted by class, not its first 32."""
-    pairs = tiles(os.path.join(shared.out, "recon_e0002.png"), 64, True)
-    want = np.linspace(0, 59, 32).astype(int)
-    files = [np.asarray(Image.open(shared.folder / "train" / f"{i:03d}.png")) for i in want]
-    for row in range(4):
-        np.testing.assert_array_equal(pairs[16 * row:16 * row + 8], files[8 * row:8 * row + 8])
 
 
 def test_heatmap_cells_and_scale(tmp_path):
@@ -1037,9 +1011,7 @@ def test_heatmap_cells_and_scale(tmp_path):
     assert tuple(img[round(36 + 0.2 * 99), 2 + 600 + 25]) == (255, 0, 0)
 
 
-# =============================================================================================
-# data.py: CIFAR-10
-# =============================================================================================
+# === data.py: CIFAR-10 ===========================================================================
 def cifar_image(k):
     """Image k as (row, column, channel): every pixel differs from its transposed or
     plane-swapped counterpart, so a wrong reshape cannot pass."""
@@ -1079,12 +1051,17 @@ def cifar_tarball(path, module="numpy._core", replace=None):
         return hashlib.md5(f.read()).hexdigest()
 
 
-def test_official_constants():
-    """The reference's facts that the fixtures below replace with small ones."""
+def test_official_constants_and_split_sizes():
+    """The official files' facts (paper 4.1, 4.2) that the fixtures below replace with small
+    ones: CIFAR-10's URL and MD5, 50,000 / 10,000 images; CelebA's partition, 162,770 / 19,867 /
+    19,962 of 202,599 by sorted file index; the sizes known without any file."""
     assert data.CIFAR_MD5 == "c58f30108f718f92721af3b95e74349a"
     assert data.CIFAR_URL == "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
     assert data.CELEBA_SPLITS == {"train": (0, 162770), "valid": (162770, 182637),
                                   "test": (182637, 202599)}
+    sizes = {("cifar10", "train"): 50000, ("cifar10", "test"): 10000, ("celeba", "train"): 162770,
+             ("celeba", "valid"): 19867, ("celeba", "test"): 19962}
+    assert {k: data.split_size(*k, "nowhere") for k in sizes} == sizes
 
 
 @pytest.mark.parametrize("module", ["numpy.core", "numpy._core"])
@@ -1151,9 +1128,7 @@ def test_cifar_malicious_pickle_is_not_executed(tmp_path, monkeypatch, gadget):
     assert files_under(root) == ["cifar-10-python.tar.gz"]
 
 
-# =============================================================================================
-# data.py: CelebA
-# =============================================================================================
+# === data.py: CelebA =============================================================================
 QUADRANTS = ((0, 0), (0, 64), (64, 0), (64, 64))  # top-left corners inside the 128x128 window
 
 
@@ -1199,15 +1174,14 @@ def small_celeba_splits(monkeypatch):
 
 
 def test_celeba_crop_resize_and_split_by_sorted_index(tmp_path, small_celeba_splits):
+    """Paper 4.2: the 128x128 window (rows 45:173, columns 25:153) resized to 64x64, split by
+    sorted file index (the official partition); one cache per size and resize filter, which
+    serves without the files."""
     make_celeba(tmp_path)
     for split, ks in {"train": [0, 1, 2], "valid": [3], "test": [4]}.items():
         x = data.load_split("celeba", split, tmp_path)
         assert_celeba(x, ks)
         assert x.filename == str(tmp_path / "celeba" / f"{split}_64_bilinear.npy")
-
-
-def test_celeba_cache_is_per_size_and_resize_mode(tmp_path, small_celeba_splits):
-    make_celeba(tmp_path)
     assert_celeba(data.load_split("celeba", "test", tmp_path, resize="lanczos"), [4])
     assert data.load_split("celeba", "test", tmp_path, 32).shape == (1, 32, 32, 3)
     os.rename(tmp_path / "celeba" / "img_align_celeba", tmp_path / "moved")
@@ -1217,9 +1191,7 @@ def test_celeba_cache_is_per_size_and_resize_mode(tmp_path, small_celeba_splits)
             data.load_split("celeba", "test", tmp_path, size, mode)
 
 
-# =============================================================================================
-# data.py: folders
-# =============================================================================================
+# === data.py: folders ============================================================================
 def folder_image(k, wide):
     """A 50x30 (or 30x50) image whose centred 30x30 square is colour k and the rest white."""
     a = np.full((30, 50, 3) if wide else (50, 30, 3), 255, np.uint8)
@@ -1251,27 +1223,37 @@ def cache_dirs(tmp_path):
     return sorted(os.listdir(tmp_path / "cache" / "balancing-vae"))
 
 
-def test_folder_nested_tree_split_every_10th(tmp_path):
-    make_folder(tmp_path / "imgs", NESTED)
-    before = files_under(tmp_path / "imgs")
-    test = data.load_split("folder", "test", tmp_path / "imgs", 15)
-    np.testing.assert_array_equal(test, colours([9]))
-    np.testing.assert_array_equal(data.load_split("folder", "train", tmp_path / "imgs", 15),
-                                  colours([0, 1, 2, 3, 4, 5, 6, 7, 8, 10, 11]))
-    assert files_under(tmp_path / "imgs") == before  # the caches live elsewhere
+@pytest.mark.parametrize("rels, train, test, modes", [
+    (NESTED, [k for k in range(12) if k != 9], [9], ["bilinear"]),  # a nested tree
+    ([f"{k:02d}.png" for k in range(25)], [k for k in range(25) if k % 10 != 9], [9, 19],
+     ["bilinear"]),
+    (["train/cat/0.png", "train/dog/1.png", "test/2.png", "other/3.png",
+      "trainer/4.png"], [0, 1], [2], list(data.RESIZE_MODES)),  # trainer/ is not train/
+    (["train/a/0.png", "train/1.png", "train/2.png", "test/3.png", "test/b/4.png", "x.png"],
+     [1, 2, 0], [3, 4], ["bilinear"]),  # sorted by path
+])
+def test_folder_splits_are_train_and_test_or_every_10th(tmp_path, monkeypatch, rels, train,
+                                                        test, modes):
+    """train/ and test/ where the folder has both (the rest left out), else every 10th file by
+    sorted path is a test image: counted without decoding, decoded (in each resize mode, exact
+    for these uniform centres) into a cache outside the folder, in a directory named by a key."""
+    root = tmp_path / "imgs"
+    make_folder(root, rels)
+    before = files_under(root)
+    with monkeypatch.context() as m:  # counted, not decoded
+        no_image_opens(m)
+        assert [data.split_size("folder", s, root) for s in ("train", "test")] == [
+            len(train), len(test)]
+    assert not (tmp_path / "cache").exists()
+    for mode in modes:
+        np.testing.assert_array_equal(data.load_split("folder", "train", root, 15, mode),
+                                      colours(train))
+        x = data.load_split("folder", "test", root, 15, mode)
+        np.testing.assert_array_equal(x, colours(test))
+    assert files_under(root) == before  # the caches live elsewhere
     (key,) = cache_dirs(tmp_path)
     assert re.fullmatch("folder-[0-9a-f]{16}", key)
-    assert test.filename == str(tmp_path / "cache" / "balancing-vae" / key / "test_15_bilinear.npy")
-
-
-def test_folder_train_test_subfolders_and_modes(tmp_path):
-    make_folder(tmp_path, ["train/cat/0.png", "train/dog/1.png", "test/2.png", "other/3.png",
-                           "trainer/4.png"])  # neither train/ nor test/, though it starts so
-    for mode in data.RESIZE_MODES:
-        train = data.load_split("folder", "train", tmp_path, 15, mode)
-        np.testing.assert_array_equal(train, colours([0, 1]))
-        np.testing.assert_array_equal(data.load_split("folder", "test", tmp_path, 15, mode),
-                                      colours([2]))
+    assert x.filename == str(tmp_path / "cache" / "balancing-vae" / key / f"test_15_{mode}.npy")
 
 
 def test_folder_grey_and_rgba_become_rgb(tmp_path):
@@ -1281,79 +1263,60 @@ def test_folder_grey_and_rgba_become_rgb(tmp_path):
     np.testing.assert_array_equal(x[:, 0, 0], [[77, 77, 77], [1, 2, 3]])
 
 
-def test_folder_cache_follows_changed_renamed_and_added_images(tmp_path):
-    imgs = tmp_path / "imgs"
-    make_folder(imgs, NESTED[:4])
-    np.testing.assert_array_equal(data.load_split("folder", "train", imgs, 15),
-                                  colours([0, 1, 2, 3]))
-    assert len(cache_dirs(tmp_path)) == 1
-    size = os.path.getsize(imgs / "a/b/1.bmp")
-    make_folder(imgs, ["a/b/1.bmp"], start=51)  # new content, same size (BMP: uncompressed)
-    os.utime(imgs / "a/b/1.bmp", ns=(1, 1))  # and surely another mtime
-    assert os.path.getsize(imgs / "a/b/1.bmp") == size
-    np.testing.assert_array_equal(data.load_split("folder", "train", imgs, 15),
-                                  colours([0, 51, 2, 3]))
-    assert len(cache_dirs(tmp_path)) == 2  # none pruned
-    os.rename(imgs / "a/z.png", imgs / "a/y.png")  # same place in the order, same pixels
-    np.testing.assert_array_equal(data.load_split("folder", "train", imgs, 15),
-                                  colours([0, 51, 2, 3]))
+def test_folder_cache_is_keyed_by_its_files_not_its_path(tmp_path, monkeypatch):
+    """The same files elsewhere (a copy keeping the mtimes, a symlink, the folder moved) are the
+    same data: the same cache, nothing decoded again. A file changed to the same size (another
+    mtime), one renamed, one added: each makes a new cache, none pruned."""
+    imgs, moved = tmp_path / "imgs", tmp_path / "moved"
+    make_folder(imgs, NESTED)
+    first = data.load_split("folder", "test", imgs, 15)
+    shutil.copytree(imgs, tmp_path / "copy")  # copy2 keeps each mtime
+    os.symlink(imgs, tmp_path / "link")
+    with monkeypatch.context() as m:
+        no_image_opens(m)
+        for other in ("copy", "link", "moved"):
+            if other == "moved":
+                os.rename(imgs, moved)
+            again = data.load_split("folder", "test", tmp_path / other, 15)
+            assert again.filename == first.filename
+            np.testing.assert_array_equal(again, colours([9]))
+    assert cache_dirs(tmp_path) == [os.path.basename(os.path.dirname(first.filename))]
+    size, want = os.path.getsize(moved / "a/b/1.bmp"), [0, 51, *range(2, 9), 10, 11]
+    make_folder(moved, ["a/b/1.bmp"], start=51)  # new content, same size (BMP: uncompressed)
+    os.utime(moved / "a/b/1.bmp", ns=(1, 1))  # and surely another mtime
+    assert os.path.getsize(moved / "a/b/1.bmp") == size
+    np.testing.assert_array_equal(data.load_split("folder", "train", moved, 15), colours(want))
+    assert len(cache_dirs(tmp_path)) == 2
+    os.rename(moved / "a/z.png", moved / "a/y.png")  # same place in the order, same pixels
+    np.testing.assert_array_equal(data.load_split("folder", "train", moved, 15), colours(want))
     assert len(cache_dirs(tmp_path)) == 3
-    make_folder(imgs, ["zz.png"], start=60)  # an added image
-    np.testing.assert_array_equal(data.load_split("folder", "train", imgs, 15),
-                                  colours([0, 51, 2, 3, 60]))
+    make_folder(moved, ["zz.png"], start=60)  # an added image, last in the order
+    np.testing.assert_array_equal(data.load_split("folder", "train", moved, 15),
+                                  colours(want + [60]))
     assert len(cache_dirs(tmp_path)) == 4
 
 
-@pytest.mark.parametrize("how", ["symlink", "move", "copy"])
-def test_folder_cache_reused_by_a_moved_or_linked_copy(tmp_path, monkeypatch, how):
-    """The same files elsewhere are the same data: the same cache, nothing decoded again;
-    a changed file there makes a new cache."""
-    make_folder(tmp_path / "imgs", NESTED)
-    first = data.load_split("folder", "test", tmp_path / "imgs", 15)
-    other = tmp_path / "elsewhere" / "imgs2"
-    os.makedirs(other.parent)
-    if how == "symlink":
-        os.symlink(tmp_path / "imgs", other)
-    elif how == "move":
-        os.rename(tmp_path / "imgs", other)
-    else:
-        shutil.copytree(tmp_path / "imgs", other)  # copy2 keeps each mtime
-    with monkeypatch.context() as m:
-        no_image_opens(m)
-        again = data.load_split("folder", "test", other, 15)
-    assert again.filename == first.filename
-    assert cache_dirs(tmp_path) == [os.path.basename(os.path.dirname(first.filename))]
-    np.testing.assert_array_equal(again, colours([9]))
-    make_folder(other, ["f/x.png"], start=70)
-    np.testing.assert_array_equal(data.load_split("folder", "test", other, 15), colours([70]))
-    assert len(cache_dirs(tmp_path)) == 2
-
-
-@pytest.mark.parametrize("mode, interior", [("nearest", 255), ("bilinear", 128), ("box", 128)])
-def test_resize_modes_really_differ(tmp_path, mode, interior):
-    """A 1-pixel checkerboard halved: nearest keeps one phase (the jaggies of Fig. 3), filters
-    average."""
-    y, x = np.indices((64, 64))
-    board = np.where((x + y) % 2 == 0, 255, 0).astype(np.uint8)
-    save_png(str(tmp_path / "0.png"), np.stack([board] * 3, axis=-1))
-    out = data.load_split("folder", "train", tmp_path, 32, mode)
-    assert (out[0, 1:-1, 1:-1] == interior).all()
-
-
-@pytest.mark.parametrize("mode, pil", [
-    (None, Image.BILINEAR), ("bilinear", Image.BILINEAR), ("bicubic", Image.BICUBIC),
-    ("nearest", Image.NEAREST), ("lanczos", Image.LANCZOS), ("box", Image.BOX),
-    ("hamming", Image.HAMMING)])
-def test_each_resize_mode_is_its_pil_filter_and_default_bilinear(tmp_path, mode, pil):
-    """Random pixels, centre-cropped 40x30 -> 30x30 and resized to 17: each mode equals PIL's
-    filter of that name, and no mode given means bilinear."""
-    a = np.random.default_rng(1).integers(0, 256, (30, 40, 3), dtype=np.uint8)
-    save_png(str(tmp_path / "0.png"), a)
-    expected = np.asarray(Image.fromarray(a[:, 5:35]).resize((17, 17), pil))
+@pytest.mark.parametrize("mode, pil, interior", [
+    (None, Image.BILINEAR, 128), ("bilinear", Image.BILINEAR, 128), ("box", Image.BOX, 128),
+    ("nearest", Image.NEAREST, 255), ("bicubic", Image.BICUBIC, None),
+    ("lanczos", Image.LANCZOS, None), ("hamming", Image.HAMMING, None)])
+def test_each_resize_mode_is_its_pil_filter_and_default_bilinear(tmp_path, mode, pil, interior):
+    """Fig. 3: the filter matters. Each mode is PIL's filter of that name (random pixels,
+    centre-cropped 40x30 -> 30x30, resized to 17), none given is bilinear; a 1-pixel
+    checkerboard halved: nearest keeps one phase (the jaggies), the filters average."""
     args = () if mode is None else (mode,)
-    np.testing.assert_array_equal(data.load_split("folder", "train", tmp_path, 17, *args)[0],
-                                  expected)
+    a = np.random.default_rng(1).integers(0, 256, (30, 40, 3), dtype=np.uint8)
+    save_png(str(tmp_path / "random" / "0.png"), a)
+    expected = np.asarray(Image.fromarray(a[:, 5:35]).resize((17, 17), pil))
+    np.testing.assert_array_equal(
+        data.load_split("folder", "train", tmp_path / "random", 17, *args)[0], expected)
     assert set(data.RESIZE_MODES) == {m.name.lower() for m in Image.Resampling}
+    if interior is not None:
+        y, x = np.indices((64, 64))
+        board = np.where((x + y) % 2 == 0, 255, 0).astype(np.uint8)
+        save_png(str(tmp_path / "board" / "0.png"), np.stack([board] * 3, axis=-1))
+        out = data.load_split("folder", "train", tmp_path / "board", 32, *args)
+        assert (out[0, 1:-1, 1:-1] == interior).all()
 
 
 def test_undecodable_image_is_named_and_no_cache_is_left(tmp_path):
@@ -1367,9 +1330,7 @@ def test_undecodable_image_is_named_and_no_cache_is_left(tmp_path):
     np.testing.assert_array_equal(x, colours([0, 1, 2, 3, 4, 5, 6, 7, 8, 10, 11]))
 
 
-# =============================================================================================
-# data.py: the JPEG round trip (CIFAR-10, CelebA, folders)
-# =============================================================================================
+# === data.py: the JPEG round trip (CIFAR-10, CelebA, folders) ====================================
 @pytest.mark.parametrize("dataset", ["cifar10", "celeba", "folder"])
 def test_jpeg_round_trip_comes_after_crop_and_resize(tmp_path, monkeypatch, dataset):
     """--jpeg q is the released preprocessing's imsave(.jpg) + imread (Pillow's defaults, 4:2:0;
@@ -1409,9 +1370,7 @@ def test_jpeg_round_trip_comes_after_crop_and_resize(tmp_path, monkeypatch, data
     assert sorted(caches) == sorted(f"{n}{j}.npy" for n in names for j in kinds)
 
 
-# =============================================================================================
-# data.py: sizes and bad input
-# =============================================================================================
+# === data.py: sizes and bad input ================================================================
 @pytest.mark.parametrize("w, h, expected", [
     (32, 32, (32, "the first image is 32x32")),
     (30, 30, (64, "the first image is 30x30, not a square of a power-of-two side >= 4")),
@@ -1423,40 +1382,16 @@ def test_folder_default_size_is_the_first_images(tmp_path, w, h, expected):
     assert data.choose_img_size("folder", tmp_path / "imgs") == expected
 
 
-def test_folder_default_size_used_by_load_split_and_follows_changes(tmp_path):
+def test_default_sizes_and_load_split_follows_a_folders_first_image(tmp_path):
+    """The paper's sizes: CIFAR-10's 32 and CelebA's 64; a folder's load_split takes its first
+    image's side (not 64), and follows a new first image."""
+    assert data.choose_img_size("cifar10") == (32, "CIFAR-10's only size")
+    assert data.choose_img_size("celeba", "anywhere") == (64, "the paper's size")
     for k in range(3):
         save_png(str(tmp_path / f"b{k}.png"), np.full((8, 8, 3), k, np.uint8))
     assert data.load_split("folder", "train", tmp_path).shape == (3, 8, 8, 3)  # not 64
     save_png(str(tmp_path / "a.png"), np.full((16, 16, 3), 3, np.uint8))  # the new first
     assert data.load_split("folder", "train", tmp_path).shape == (4, 16, 16, 3)
-
-
-def test_fixed_default_sizes():
-    assert data.choose_img_size("cifar10") == (32, "CIFAR-10's only size")
-    assert data.choose_img_size("celeba", "anywhere") == (64, "the paper's size")
-
-
-@pytest.mark.parametrize("dataset, split, expected", [
-    ("cifar10", "train", 50000), ("cifar10", "test", 10000),
-    # CelebA's official partition: 162,770 / 19,867 / 19,962 of 202,599
-    ("celeba", "train", 162770), ("celeba", "valid", 19867), ("celeba", "test", 19962)])
-def test_split_size_of_the_official_splits(dataset, split, expected):
-    assert data.split_size(dataset, split, "nowhere") == expected  # no files needed
-
-
-@pytest.mark.parametrize("rels, train, test", [
-    (NESTED, 11, 1),  # every 10th by sorted path
-    ([f"{k:02d}.png" for k in range(25)], 23, 2),
-    (["train/a/0.png", "train/1.png", "train/2.png", "test/3.png", "test/b/4.png", "x.png"], 3, 2),
-])
-def test_split_size_of_a_folder_counts_its_files(tmp_path, monkeypatch, rels, train, test):
-    make_folder(tmp_path / "imgs", rels)
-    with monkeypatch.context() as m:  # counted, not decoded
-        no_image_opens(m)
-        assert [data.split_size("folder", s, tmp_path / "imgs") for s in ("train", "test")] == [
-            train, test]
-    assert not (tmp_path / "cache").exists()
-    assert len(data.load_split("folder", "test", tmp_path / "imgs", 15)) == test
 
 
 @pytest.mark.parametrize("setup, call, message", [
@@ -1498,9 +1433,7 @@ def test_bad_input_gives_clear_error(tmp_path, monkeypatch, setup, call, message
     assert files_under(tmp_path) == before and not (tmp_path / "cache").exists()
 
 
-# =============================================================================================
-# data.py: batches, subsets, stage-2 latents, uint8
-# =============================================================================================
+# === data.py: batches, subsets, stage-2 latents, uint8 ===========================================
 def test_subset_is_seeded_spread_sorted_and_checked():
     """1000 'images' sorted by class (100 per class), as a class-folder tree lists them."""
     images = np.arange(1000)[:, None]
@@ -1527,6 +1460,8 @@ def ids(batch):
 
 @pytest.mark.parametrize("drop_last, sizes", [(True, [3, 3, 3]), (False, [3, 3, 3, 1])])
 def test_batches_cover_each_image_once_exactly(drop_last, sizes):
+    """Each epoch every image once, in batches of 3 (the last short one dropped or kept), as
+    float32 channels-last in [0, 1]; too few images for one batch (or none) are refused."""
     b = data.Batches(IMAGES, 3, drop_last=drop_last)
     assert len(b) == len(sizes)
     for e in range(3):
@@ -1539,6 +1474,9 @@ def test_batches_cover_each_image_once_exactly(drop_last, sizes):
             assert x.is_contiguous(memory_format=torch.channels_last)
             expected = IMAGES[ids(x)].transpose(0, 3, 1, 2).astype(np.float32) / np.float32(255)
             assert torch.equal(x, torch.from_numpy(expected))
+    n = 10 if drop_last else 0
+    with pytest.raises(data.DataError, match=f"{n} images do not make one batch of 11"):
+        data.Batches(IMAGES[:n], 11, drop_last=drop_last)
 
 
 def test_batches_order_depends_only_on_seed_and_epoch():
@@ -1562,12 +1500,6 @@ def test_batches_from_read_only_memmap_without_warning(tmp_path):
     assert torch.equal(b.x, torch.from_numpy(IMAGES))
 
 
-@pytest.mark.parametrize("n, drop_last", [(10, True), (0, False)])
-def test_batches_too_few_images(n, drop_last):
-    with pytest.raises(data.DataError, match=f"{n} images do not make one batch of 11"):
-        data.Batches(IMAGES[:n], 11, drop_last=drop_last)
-
-
 def test_stage2_trains_on_fresh_latents_each_epoch():
     """z = mu + sigma * eps with new eps every epoch (Dai & Wipf), each row once per epoch, in
     whole batches only."""
@@ -1588,18 +1520,16 @@ def test_stage2_trains_on_fresh_latents_each_epoch():
     assert todo == 15 and [len(b) for b in epoch(0)] == [5, 5, 5]  # 17 rows: 3 whole batches
 
 
-def test_generated_images_are_rounded_to_uint8_not_truncated():
-    """Generated pixels are rounded as the real images' files are quantised: 0.7 levels give
-    1 (truncation would give 0, darkening every image by half a level), 200.2 give 200."""
-    x = torch.full((1, 3, 1, 2), 0.7 / 255)
-    x[0, :, 0, 1] = 200.2 / 255
-    assert data.to_uint8(x).tolist() == [[[[1, 1, 1], [200, 200, 200]]]]
-
-
-def test_to_uint8_inverts_batches():
+def test_to_uint8_inverts_batches_and_rounds():
+    """Batches' inverse; generated pixels are rounded as the real images' files are quantised:
+    0.7 levels give 1 (truncation would give 0, darkening every image by half a level), 200.2
+    give 200."""
     x = np.random.default_rng(0).integers(0, 256, (7, 5, 6, 3), dtype=np.uint8)
     (batch,) = data.Batches(x, 7, shuffle=False).epoch(0)
     np.testing.assert_array_equal(data.to_uint8(batch), x)
+    x = torch.full((1, 3, 1, 2), 0.7 / 255)
+    x[0, :, 0, 1] = 200.2 / 255
+    assert data.to_uint8(x).tolist() == [[[[1, 1, 1], [200, 200, 200]]]]
 
 
 def test_to_uint8_saturates_instead_of_wrapping():
@@ -1610,23 +1540,20 @@ def test_to_uint8_saturates_instead_of_wrapping():
     assert data.to_uint8(x).ravel().tolist() == [0, 255, 255, 128, 0, 255]
 
 
-# =============================================================================================
-# data.py: progress and atomic writes
-# =============================================================================================
+# === data.py: progress and atomic writes =========================================================
 @pytest.mark.parametrize("leave", [True, False])
-def test_progress_draws_the_final_count_then_ends_or_wipes_the_line(capsys, leave):
+def test_progress_draws_the_final_count_then_ends_or_wipes_the_line(capsys, monkeypatch, leave):
+    """The final count is drawn, then the line ends or is wiped; redrawn at most 4 times a
+    second; nothing at all for nothing."""
     items = [[1, 2], [3], [4, 5, 6]]
     assert list(data.progress(iter(items), 6, "x", "cats", leave=leave)) == items
     m = re.search(r"\r(x 6/6 cats, \d+ cats/s, ETA 0:00 *)(\n|\r( +)\r)$", capsys.readouterr().err)
     assert m and (m[2] == "\n") == leave and (leave or len(m[3]) >= len(m[1]))
-
-
-def test_progress_redraws_at_most_4_times_a_second(capsys, monkeypatch):
     clock = iter(np.arange(0, 100, 0.1))  # each call to time.time() advances 0.1 s
     monkeypatch.setattr(data.time, "time", lambda: next(clock))
-    list(data.progress(range(20), 20, "x", size=lambda _: 1))
-    draws = capsys.readouterr().err.count("\r")
-    assert 2 <= draws <= 1 + 20 * 2 * 0.1 / 0.25  # the end's, plus one per 0.25 s at most
+    list(data.progress(range(20), 20, "x", size=lambda _: 1, leave=leave))
+    draws, wipe = capsys.readouterr().err.count("\r"), 0 if leave else 2  # "\r" spaces "\r"
+    assert 2 + wipe <= draws <= 1 + 20 * 2 * 0.1 / 0.25 + wipe  # the end's, + 1 per 0.25 s
     assert list(data.progress([], 0, "x")) == [] and capsys.readouterr().err == ""
 
 
@@ -1649,9 +1576,7 @@ def test_atomic_write_replaces_whole_or_keeps_old(tmp_path, fail):
     assert path.read_bytes() == (b"old" if fail else b"half and whole")
 
 
-# =============================================================================================
-# fid.py: Frechet distance
-# =============================================================================================
+# === fid.py: Frechet distance ====================================================================
 TESTDATA = pathlib.Path(fid.__file__).resolve().parent / "testdata"
 EPS = np.finfo(np.float64).eps
 
@@ -1693,13 +1618,18 @@ def _closed_form_cases():
     mu1, mu2, s = rng.standard_normal(d), rng.standard_normal(d), spd(rng, d)
     a, b = rng.random(d) + 0.1, rng.random(d) + 0.1
     singular = spd(rng, d, n=10)  # N < dimension: rank 9, 55 eigenvalues at round-off
-    dmu2 = np.sum((mu1 - mu2) ** 2)
+    dmu2, zero = np.sum((mu1 - mu2) ** 2), np.zeros(2)
     return {  # (mu1, sigma1, mu2, sigma2, expected FID)
         "equal covariances: squared mean distance": (mu1, s, mu2, s, dmu2),
         "diagonal covariances": (mu1, np.diag(a), mu2, np.diag(b),
                                  np.sum((np.sqrt(a) - np.sqrt(b)) ** 2) + dmu2),
         "FID(A, A) = 0": (mu1, s, mu1, s, 0.0),
         "equal singular covariances": (mu1, singular, mu2, singular, dmu2),
+        # an eigenvalue -1e-9 of the largest (float32-stored statistics reach ~1e-9) is
+        # round-off: its root counts as 0, in either covariance; by hand: traces 4 - 4e-9 and
+        # 2, tr sqrtm(s1 s2) = sqrt(4) + 0
+        "round-off below 0 in s1": (zero, np.diag([4.0, -4e-9]), zero, np.eye(2), 2 - 4e-9),
+        "round-off below 0 in s2": (zero, np.eye(2), zero, np.diag([4.0, -4e-9]), 2 - 4e-9),
     }
 
 
@@ -1742,19 +1672,7 @@ def test_frechet_distance_of_rank_deficient_inception_like_statistics():
                                                      abs=2 * root_tol(2048, largest))
 
 
-@pytest.mark.parametrize("side", [1, 2])
-def test_round_off_below_zero_is_clipped(side):
-    """An eigenvalue -1e-9 of the largest (float32-stored statistics reach ~1e-9) is round-off:
-    its root counts as 0, in either covariance. By hand: the traces are 4 - 4e-9 and 2, and
-    tr sqrtm(s1 s2) = sqrt(4) + 0."""
-    sigmas = [np.diag([4.0, -4e-9]), np.eye(2)][::1 if side == 1 else -1]
-    got = fid.frechet_distance(np.zeros(2), sigmas[0], np.zeros(2), sigmas[1])
-    assert got == pytest.approx(4 - 4e-9 + 2 - 2 * 2, rel=0, abs=2 * root_tol(2, 4.0))
-
-
-# =============================================================================================
-# fid.py: Inception v3 and its weights
-# =============================================================================================
+# === fid.py: Inception v3 and its weights ========================================================
 @functools.cache
 def manifest():
     """torchvision's Inception3(aux_logits=True) state-dict names and shapes, dumped with it."""
@@ -1807,11 +1725,6 @@ def weights(tmp_path_factory, reference):
     return path, state
 
 
-@pytest.fixture(scope="module")
-def model(weights):
-    return fid.load_inception("torchvision", weights_path=weights[0], device="cpu")
-
-
 @pytest.mark.parametrize("variant", ["torchvision", "tf"])
 def test_features_match_torchvision_and_pytorch_fid(weights, reference, variant):
     """Pool features of 3 random 32x32 images (default_rng(7)) under fixed random weights
@@ -1843,16 +1756,15 @@ def test_features_match_torchvision_and_pytorch_fid(weights, reference, variant)
     assert np.all(np.abs(got.sum(1) - ref[f"{variant}_sum"]) <= tol * 2048)
 
 
-@pytest.mark.parametrize("variant", ["torchvision", "tf"])
-def test_state_dict_matches_torchvision_manifest(variant):
-    """torchvision's Inception3 names and shapes, which both weight files use."""
+@pytest.mark.parametrize("variant,classes", [("torchvision", 1000), ("tf", 1008)])
+def test_weights_load_by_torchvisions_names_and_classifier_heads_are_ignored(weights, tmp_path,
+                                                                             variant, classes):
+    """Both weight files use torchvision's Inception3 names and shapes (the manifest, dumped
+    with torchvision), with a 1000- or 1008-way classifier that FID ignores; the file of the
+    other variant is refused by its classifier's size."""
     want = {k: s for k, s in manifest().items() if not k.startswith(("AuxLogits.", "fc."))}
     assert len(want) == len(manifest()) - 16
     assert {k: list(v.shape) for k, v in meta_inception(variant).state_dict().items()} == want
-
-
-@pytest.mark.parametrize("variant,classes", [("torchvision", 1000), ("tf", 1008)])
-def test_weights_file_with_classifier_heads_loads(weights, tmp_path, variant, classes):
     state = {**weights[1], "fc.weight": torch.zeros(classes, 2048),
              "fc.bias": torch.zeros(classes)}
     torch.save(state, tmp_path / "w.pth")
@@ -1931,21 +1843,15 @@ def test_download_is_the_published_file_hash_checked_and_weights_only(weights, m
     assert calls == [((url,), dict(map_location="cpu", check_hash=True, weights_only=True))]
 
 
-@pytest.mark.parametrize("pool, expected", [  # corner of a 3x3 pool over a 2x2 image, by hand
-    (fid.avg_pool, (1 + 2 + 3 + 4) / 9),   # torchvision counts the 5 padding zeros
-    (fid.tf_avg_pool, (1 + 2 + 3 + 4) / 4),  # TF does not (differences 1-3)
-    (fid.tf_max_pool, 4.0),                # Mixed_7c max-pools (difference 4)
-])
-def test_pool_branches(pool, expected):
-    """The TF graph's pools (pytorch-fid's patches): averages without the padding, a max pool."""
-    out = pool(torch.tensor([[[[1.0, 2.0], [3.0, 4.0]]]]))[0, 0, 0, 0].item()
-    assert out == pytest.approx(expected)
-
-
 @pytest.mark.parametrize("variant", ["torchvision", "tf"])
 def test_each_block_pools_as_its_variant(variant):
-    """The pools in each Mixed block's branches: the four TF patches (pytorch-fid), and the grid
-    reductions' stride-2 max pool (Mixed_6a, Mixed_7a) in both."""
+    """The TF graph's pools (pytorch-fid's patches) in A, C and the first E blocks average
+    without the padding, Mixed_7c's max-pools; the grid reductions' stride-2 max pool (Mixed_6a,
+    Mixed_7a) in both. Pools' values by hand: the corner of a 3x3 pool over a 2x2 image."""
+    corner = lambda pool: pool(torch.tensor([[[[1.0, 2.0], [3.0, 4.0]]]]))[0, 0, 0, 0].item()
+    assert corner(fid.avg_pool) == pytest.approx((1 + 2 + 3 + 4) / 9)  # 5 padding zeros count
+    assert corner(fid.tf_avg_pool) == pytest.approx((1 + 2 + 3 + 4) / 4)  # they do not (TF)
+    assert corner(fid.tf_max_pool) == 4.0
     tv = variant == "torchvision"
     patched = fid.avg_pool if tv else fid.tf_avg_pool
     want = {**{f"Mixed_{b}": [patched] for b in ("5b", "5c", "5d", "6b", "6c", "6d", "6e", "7b")},
@@ -1957,9 +1863,7 @@ def test_each_block_pools_as_its_variant(variant):
     assert got == want
 
 
-# =============================================================================================
-# fid.py: features and statistics
-# =============================================================================================
+# === fid.py: features and statistics =============================================================
 def images(n, size=8, seed=0):
     return np.random.default_rng(seed).integers(0, 256, (n, size, size, 3), dtype=np.uint8)
 
@@ -1984,27 +1888,23 @@ def pixel_features(u8_nchw, offset=0.0):
     return (f + np.float32(offset)).astype(np.float64)
 
 
-def test_statistics_are_float64_mean_over_images_and_covariance_over_n_minus_1():
+def test_statistics_are_float64_mean_over_images_and_covariance_over_n_minus_1(capsys):
     """pytorch-fid's statistics: float64 mean and np.cov (N - 1). Features near 1000 with a
     spread of ~0.3: float32 arithmetic would be off by ~6e-5 in the mean; float64's round-off is
-    ~1e-13. Batches of 3, 3, 1: a mean of batch means would differ."""
+    ~1e-13. Batches of 3, 3, 1: a mean of batch means would differ. A stream of batches with
+    their total gives the same."""
     x = images(7, size=4, seed=3)
-    mu, sigma = fid.feature_stats(Pixels(1000.0), x, batch_size=3)
+    mu, sigma = fid.feature_stats(Pixels(1000.0), x, batch_size=3, desc="FID real")
+    assert "FID real 7/7 images" in capsys.readouterr().err  # progress, with the total
     f = pixel_features(x.transpose(0, 3, 1, 2), 1000.0)
     c = f - f.sum(0) / 7
     assert mu.dtype == sigma.dtype == np.float64
     assert mu == pytest.approx(f.sum(0) / 7, rel=0, abs=1e-9)
     assert sigma == pytest.approx(c.T @ c / 6, rel=0, abs=1e-12)  # N - 1 (np.cov), entries ~0.08
-
-
-def test_progress_counts_images_with_the_total(capsys):
-    x = images(7, size=4)
-    direct = fid.feature_stats(Pixels(), x, batch_size=2, desc="FID real")
-    assert "FID real 7/7 images" in capsys.readouterr().err
-    streamed = fid.feature_stats(Pixels(), (x[i:i + 2] for i in range(0, 7, 2)), desc="gen",
-                                 total=7)
+    streamed = fid.feature_stats(Pixels(1000.0), (x[i:i + 2] for i in range(0, 7, 2)),
+                                 desc="gen", total=7)
     assert "gen 7/7 images" in capsys.readouterr().err
-    assert all(np.array_equal(a, b) for a, b in zip(direct, streamed))  # a generator is accepted
+    assert all(np.array_equal(a, b) for a, b in zip((mu, sigma), streamed))
 
 
 @pytest.mark.parametrize("n", [5, 6])  # Pixels has 6 features; the network 2048
@@ -2046,10 +1946,9 @@ def test_features_are_computed_without_tf32_and_the_settings_restored(before):
             f.allow_tf32 = value
 
 
-# =============================================================================================
-# fid.py: statistics files, the cache
-# =============================================================================================
+# === fid.py: statistics files, the cache =========================================================
 def test_stats_cache_miss_computes_and_saves_then_hit_reads(tmp_path):
+    """A miss computes and saves (mu, sigma) only, a hit reads them back; saving is atomic."""
     calls = []
 
     def compute():
@@ -2064,45 +1963,22 @@ def test_stats_cache_miss_computes_and_saves_then_hit_reads(tmp_path):
     second = fid.cached_stats(path, compute)  # hit: read back
     assert len(calls) == 1 and all(np.array_equal(a, b) for a, b in zip(first, second))
     assert files_under(tmp_path) == ["stats.npz"]
-
-
-def test_interrupted_save_leaves_no_statistics(tmp_path):
-    """np.savez fails at sigma after writing mu: no half-written file under the name, which the
-    next run's cached_stats would otherwise load as the statistics."""
+    # np.savez fails at sigma after writing mu: no half-written file under the name, which the
+    # next run's cached_stats would load as the statistics
     class Unwritable:
         def __array__(self, *args, **kwargs):
             raise KeyboardInterrupt
-
     with pytest.raises(KeyboardInterrupt):
-        fid.save_stats(tmp_path / "stats.npz", np.zeros(3), Unwritable())
-    assert files_under(tmp_path) == []
+        fid.save_stats(tmp_path / "other.npz", np.zeros(3), Unwritable())
+    assert files_under(tmp_path) == ["stats.npz"]
 
 
-# =============================================================================================
-# fid.py: command line
-# =============================================================================================
+# === fid.py: command line ========================================================================
 def write_folder(path, x):
     path.mkdir()
     for i, img in enumerate(x):
         Image.fromarray(img).save(path / f"{i:02d}.png")
     return str(path)
-
-
-def test_cli_matches_direct_statistics(model, weights, tmp_path, monkeypatch, capsys):
-    a, b = images(3, seed=1), images(3, size=12, seed=2)
-    folder_a, folder = write_folder(tmp_path / "a", a), write_folder(tmp_path / "b", b)
-    common = ["--inception-weights", str(weights[0]), "--device", "cpu", "--batch-size", "2"]
-    stats_a = str(tmp_path / "a_stats.npz")
-    assert fid.main([folder_a, "--save-stats", stats_a, *common]) == 0
-    recorded = []  # what the command line computes with (the distance itself is tested above)
-    monkeypatch.setattr(fid, "frechet_distance", lambda *stats: recorded.append(stats) or 12.5)
-    capsys.readouterr()
-    assert fid.main([stats_a, folder, *common]) == 0
-    direct = fid.feature_stats(model, a, batch_size=2) + fid.feature_stats(model, b, batch_size=2)
-    assert len(recorded) == 1 and all(np.allclose(got, want, rtol=1e-6, atol=1e-9)
-                                      for got, want in zip(recorded[0], direct))
-    out, err = capsys.readouterr()
-    assert out == "12.500000\n" and f"{folder} 3/3 images" in err
 
 
 def test_cli_prints_the_fid_of_two_statistics_files(tmp_path, capsys):
@@ -2114,11 +1990,13 @@ def test_cli_prints_the_fid_of_two_statistics_files(tmp_path, capsys):
     assert capsys.readouterr() == ("2.000000\n", "")
 
 
-def test_cli_passes_its_network_options_on(tmp_path, monkeypatch):
+def test_cli_computes_statistics_with_its_network_options(tmp_path, monkeypatch, capsys):
     """--inception, --inception-weights and --device reach load_inception, --batch-size the
-    reads; the saved statistics are the stand-in network's features, by hand."""
-    x = images(5, size=4, seed=4)
-    folder, out, loads, net = write_folder(tmp_path / "x", x), tmp_path / "x.npz", [], Pixels()
+    reads; a folder's statistics are the (stand-in) network's features, by hand: saved with
+    --save-stats, or compared with another input (here that file), the FID printed."""
+    x, y = images(5, size=4, seed=4), images(3, size=12, seed=2)
+    folder, other = write_folder(tmp_path / "x", x), write_folder(tmp_path / "y", y)
+    out, loads, net = tmp_path / "x.npz", [], Pixels()
     monkeypatch.setattr(fid, "load_inception", lambda *args: loads.append(args) or net)
     assert fid.main([folder, "--save-stats", str(out), "--inception", "tf", "--inception-weights",
                      "w.pth", "--device", "cpu", "--batch-size", "2"]) == 0
@@ -2128,9 +2006,18 @@ def test_cli_passes_its_network_options_on(tmp_path, monkeypatch):
     mu, sigma = fid.load_stats(out)
     assert mu == pytest.approx(f.mean(0), rel=0, abs=1e-12)
     assert sigma == pytest.approx(c.T @ c / 4, rel=0, abs=1e-12)
-    assert fid.main([folder, "--save-stats", str(out)]) == 0
+    recorded = []  # what the command line computes with (the distance itself is tested above)
+    monkeypatch.setattr(fid, "frechet_distance", lambda *stats: recorded.append(stats) or 12.5)
+    capsys.readouterr()
+    assert fid.main([str(out), other]) == 0
     assert loads[1] == ("torchvision", None, "cuda" if torch.cuda.is_available() else "cpu")
-    assert net.batches[3:] == [5]  # --batch-size 200 by default
+    assert net.batches[3:] == [3]  # --batch-size 200 by default
+    g = pixel_features(y.transpose(0, 3, 1, 2))
+    want = mu, sigma, g.mean(0), np.cov(g, rowvar=False)
+    assert len(recorded) == 1 and all(np.allclose(got, w, rtol=1e-6, atol=1e-12)
+                                      for got, w in zip(recorded[0], want))
+    printed, err = capsys.readouterr()
+    assert printed == "12.500000\n" and f"{other} 3/3 images" in err
 
 
 def unreadable_image(p):
@@ -2205,9 +2092,7 @@ def test_cli_needs_two_inputs_or_save_stats_and_documents_every_argument(monkeyp
     assert all(a.help and len(a.help.split()) >= 2 for a in options)
 
 
-# =============================================================================================
-# speed: the fast paths compute what the plain one does; --bench
-# =============================================================================================
+# === speed: the fast paths compute what the plain one does; --bench ==============================
 @pytest.mark.parametrize("variant", ["channels_last", "compile"])
 def test_fast_step_equals_plain_step(variant):
     """The speed settings must not change what is computed: four training steps of the same
@@ -2218,7 +2103,7 @@ def test_fast_step_equals_plain_step(variant):
     for fmt, compile_ in ((torch.contiguous_format, False),
                           (torch.channels_last, variant == "compile")):
         torch.manual_seed(0)
-        model = train.build(TINY_CFG, 1).to(memory_format=fmt)
+        model = build(TINY_CFG, 1).to(memory_format=fmt)
         # body.2 is a conv whose output feeds a batch norm, which removes its bias: the exact
         # gradient of that bias is 0, Adam would scale the round-off left in its place up to
         # +-lr, and the next batch norm's running mean would carry it; so it stays fixed here
