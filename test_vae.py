@@ -1,51 +1,39 @@
 """Tests for the whole project: pytest, CPU only, no network. Run: python -m pytest -q
 
-Each test compares with an independent value (a hand computation, a closed form,
-torch.distributions, numpy/scipy, files of known contents, features computed by torchvision and
-pytorch-fid). Each rule of the paper, the released code or Dai & Wipf has a test naming its
-source; other tests read the rule (vae.kl_weight_for, train.paper_defaults, ...) rather than
-restate it, so a changed rule fails its own tests only. Read-only checks share one tiny trained
-run (the `shared` fixture); a test that changes a run works on a copy.
+Expected values come from hand computations, closed forms, torch.distributions, numpy/scipy,
+files of known contents, torchvision and pytorch-fid. A rule's test names its source; others
+read the rule, not restate it. Read-only checks share one trained run, the others copy it.
 
 INDEX: paper (or released code) behaviour -> test
 eq. 7 + k eq. 3 loss (eq. 9 up to constants)   -> test_loss_equals_hand_computation
-eq. 3 KL                                        -> test_kl_equals_torch_distributions
-k by pixel count, 4.2                           -> test_kl_weight_by_pixel_count
+settings of 4.1, 4.2; k by pixel count, 4.2     -> test_defaults_are_the_papers_numbers
 computed gamma = sqrt(mse estimate), section 3  -> test_computed_gamma_follows_the_rule
-gamma a constant (eq. 9); learned gamma (D & W) -> test_gradients_computed_vs_learned
-gamma updated after each minibatch              -> test_gamma_update_follows_each_step
-stage-1 network, Fig. 1                         -> test_stage1_shapes, ..._matches_reference_layout
+... a constant in eq. 9; learned gamma (D & W) -> test_computed_gamma_follows_the_rule
+gamma updated after each minibatch; l2, 4.2     -> test_a_step_is_eq_7_plus_k_eq_3_plus_l2_at_...
+stage-1 network, Fig. 1                         -> test_stage1_shapes_and_the_reference_layout
 stage-2 network (Dai & Wipf)                    -> test_stage2_concatenates_its_input_in_both_...
 TF1 batch norm, debiased averages (D & W)       -> test_batch_norm_moving_averages_are_debiased
-z = mu + sigma eps; REC, GEN-1, GEN-2 sampling   -> test_sampling_in_training_and_evaluation
+z = mu + sigma eps; REC, GEN-1, GEN-2 sampling  -> test_sampling_in_training_and_evaluation
 variance law eq. 6, inactive footnote 3         -> test_variance_law_and_inactive_latents_by_...
-settings of 4.1 / 4.2 (and the released code's) -> test_defaults_are_the_papers_numbers
-lr halved every 200 epochs, 4.1                 -> test_learning_rate_halves_every_200_epochs
-Adam with TF1's defaults, 4                     -> test_adam_is_tf1s
-l2 on the resampling kernels, 4.2               -> test_l2_penalty_is_on_the_resampling_kernels
-training lowers mse and gamma                   -> test_training_lowers_mse_and_writes_outputs
-new noise every epoch                           -> test_each_epoch_draws_new_noise
-stage 2 on fresh latents z = mu + sigma eps     -> test_stage2_trains_on_fresh_latents_each_epoch
+Adam with TF1's defaults, 4; lr halving, 4.1   -> test_adam_is_tf1s_and_the_lr_halves_every_...
+stage 2 on fresh z = mu + sigma eps (D & W)     -> test_each_epoch_draws_new_noise
 ... of the frozen stage-1 encoder (D & W)       -> test_limit_draws_a_seeded_subset_kept_by_...
 evaluation protocol, 4-5; latent norm., 4.2     -> test_eval_follows_the_protocol
-REC / GEN-1 / GEN-2 FID against the test set    -> test_eval_scores_each_set_against_the_test_...
-E[sigma^2] per latent and epoch, Fig. 6-7       -> test_heatmap_cells_and_scale
-CIFAR-10, 4.1: the official files               -> test_cifar_pixels_exact_and_cached
+REC, GEN-1, GEN-2 FID against the test images   -> test_eval_scores_each_set_against_the_test_...
+E[sigma^2] per latent and epoch, Fig. 6-7       -> test_grids_say_what_they_show_and_the_...
+CIFAR-10 (4.1) and CelebA (4.2) official files  -> test_cifar_pixels_exact_and_cached
 CelebA, 4.2: crop 45:173 x 25:153, 64x64, split -> test_celeba_crop_resize_and_split_by_sorted_...
-the reference's JPEG round trip (q 75)          -> test_jpeg_round_trip_comes_after_crop_and_...
-resize filter matters, Fig. 3                   -> test_resize_modes_really_differ
-FID (Heusel et al.; pytorch-fid)                -> test_frechet_distance_closed_forms,
-                                                   test_frechet_distance_matches_sqrtm_and_...
+the reference's JPEG round trip (quality 75)    -> test_jpeg_round_trip_comes_after_crop_and_...
+resize filter matters, Fig. 3                   -> test_each_resize_mode_is_its_pil_filter_...
+FID (Heusel et al.; pytorch-fid)                -> test_frechet_distance_closed_forms, ..._sqrtm
 Inception features (torchvision, the TF graph)  -> test_features_match_torchvision_and_pytorch_fid
-the TF graph's four pools (pytorch-fid)         -> test_pool_branches, test_each_block_pools_...
-float64 statistics, covariance over N - 1       -> test_statistics_are_float64_mean_over_images_...
-FID depends on N (10,000 in the released code)  -> test_warning_below_as_many_images_as_features
-TF32 off for FID                                -> test_features_are_computed_without_tf32_...
+the TF graph's four pools (pytorch-fid)         -> test_each_block_pools_as_its_variant
+float64 statistics; FID depends on N (10,000)   -> test_statistics_are_float64_mean_over_images_...
+TF32 off for FID features                       -> test_features_are_computed_without_tf32_...
 """
 import argparse
 import builtins
 import contextlib
-import functools
 import hashlib
 import io
 import json
@@ -131,7 +119,8 @@ class Gadget:
 # === vae.py: the loss, eq. 3, 7, 9, and k (4.2) ==================================================
 def test_loss_equals_hand_computation():
     """eq. 7 summed over the D values of a sample plus k times eq. 3 (eq. 9 up to constants),
-    averaged over the batch; mse is the mean over all values, kl eq. 3's batch mean."""
+    averaged over the batch; mse is the mean over all values, kl eq. 3's batch mean. eq. 3,
+    KL(N(mu, sigma^2) || N(0, I)) summed over the latents, also against torch.distributions."""
     x = torch.tensor([[0.0, 1.0], [0.5, 0.25]])
     x_hat = torch.tensor([[0.2, 0.6], [0.5, 0.75]])
     mu = torch.tensor([[0.0], [1.0]])
@@ -145,30 +134,19 @@ def test_loss_equals_hand_computation():
     assert mse.item() == pytest.approx((0.2 + 0.25) / 4, abs=1e-7)
     assert kl.item() == pytest.approx(sum(kls) / 2, abs=1e-6)
     assert loss.item() == pytest.approx(sum(g + k * q for g, q in zip(gen, kls)) / 2, abs=1e-5)
-
-
-@pytest.mark.parametrize("seed", [0, 1, 2])
-def test_kl_equals_torch_distributions(seed):
-    """eq. 3: KL(N(mu, sigma^2) || N(0, I)) summed over the latents."""
-    g = torch.Generator().manual_seed(seed)
-    mu, logsd = torch.randn(5, 7, generator=g), torch.randn(5, 7, generator=g)
-    ref = kl_divergence(Normal(mu, logsd.exp()), Normal(0.0, 1.0)).sum(1)
-    torch.testing.assert_close(vae.kl_divergence(mu, logsd), ref)
-
-
-@pytest.mark.parametrize("side,k", [(32, 1.0), (64, 4.0)])
-def test_kl_weight_by_pixel_count(side, k):
-    """Paper 4.2: CelebA's 64x64 has 4x CIFAR-10's pixels with the same 64 latents, so 4x the KL
-    weight: k = 1 at 32x32, 4 at 64x64, in the paper's settings too."""
-    assert vae.kl_weight_for(side) == k
-    assert train.paper_defaults("celeba" if side == 64 else "cifar10", side, 1)["kl_weight"] == k
+    for seed in (0, 1, 2):
+        g = torch.Generator().manual_seed(seed)
+        mu, logsd = torch.randn(5, 7, generator=g), torch.randn(5, 7, generator=g)
+        ref = kl_divergence(Normal(mu, logsd.exp()), Normal(0.0, 1.0)).sum(1)
+        torch.testing.assert_close(vae.kl_divergence(mu, logsd), ref)
 
 
 # === vae.py: gamma, section 3 ====================================================================
 def test_computed_gamma_follows_the_rule():
     """Section 3 (0.99, 0.01 and the start at 1.0 are the released code's): after each batch
-    mse_est = min(mse_est, 0.99 mse_est + 0.01 batch_mse) and gamma = sqrt(mse_est), so gamma
-    never increases (over 500 random batches too)."""
+    mse_est = min(mse_est, 0.99 mse_est + 0.01 batch_mse), gamma = sqrt(mse_est), so it never
+    increases; a constant in eq. 9. Dai & Wipf's learned log gamma: d loss / d log gamma =
+    D - sse / gamma^2 (eq. 8)."""
     g = vae.ComputedGamma()
     est, seen = 1.0, []
     for batch_mse in [0.5, 2.0, 0.1, 0.1, 3.0, 0.01]:
@@ -183,11 +161,7 @@ def test_computed_gamma_follows_the_rule():
         before = g().item()
         g.update(batch_mse)
         assert g().item() <= before
-
-
-def test_gradients_computed_vs_learned():
-    """eq. 9: the computed gamma enters the loss as a constant (no parameter, no gradient through
-    it); Dai & Wipf's learned log gamma gets d loss / d log gamma = D - sse / gamma^2 (eq. 8)."""
+    # eq. 9: the computed gamma is a constant in the loss (no parameter, no gradient through it)
     x, x_hat = torch.rand(4, 6), torch.rand(4, 6, requires_grad=True)
     mu, logsd = torch.zeros(4, 2), torch.zeros(4, 2)
     computed = vae.ComputedGamma()
@@ -208,9 +182,11 @@ def test_gradients_computed_vs_learned():
 
 # === vae.py: the networks, Fig. 1 (Dai & Wipf's) =================================================
 @pytest.mark.parametrize("side,num_scale", [(16, 2), (32, 3), (64, 4)])
-def test_stage1_shapes(side, num_scale):
+def test_stage1_shapes_and_the_reference_layout(side, num_scale):
     """Fig. 1: images in, images out through a sigmoid, mu and log sigma per latent; num_scale - 1
-    stride-2 convolutions down, log2(side) - 1 transposed ones up from 2x2."""
+    stride-2 convolutions down, log2(side) - 1 transposed ones up from 2x2. Dai & Wipf's layout:
+    for 32x32 with base 32 the decoder runs 512 (2x2) -> 256 -> 128 -> 64 -> 32, the encoder
+    doubles 32 -> 64 -> 128; batch norm as TF's (decay 0.999, epsilon 1e-5)."""
     m = vae.VAE(side, latent_dim=8, base_dim=4, fc_dim=16, num_scale=num_scale)
     x = torch.rand(3, 3, side, side)
     x_hat, mu, logsd = m(x)
@@ -218,11 +194,6 @@ def test_stage1_shapes(side, num_scale):
     assert 0 < x_hat.min() and x_hat.max() < 1  # sigmoid output
     # the down- and up-sampling convolutions
     assert len(m.resample) == (num_scale - 1) + (int(math.log2(side)) - 1)
-
-
-def test_stage1_matches_reference_layout():
-    """Dai & Wipf's decoder: for 32x32 with base 32 it runs 512 (2x2) -> 256 -> 128 -> 64 -> 32;
-    the encoder doubles 32 -> 64 -> 128; batch norm as TF's (decay 0.999, epsilon 1e-5)."""
     m = vae.VAE(32)
     ups = [mod for mod in m.decoder.modules() if isinstance(mod, torch.nn.ConvTranspose2d)]
     assert m.fc0.out_features == 4 * 512 and [u.out_channels for u in ups] == [256, 128, 64, 32]
@@ -275,10 +246,9 @@ def test_batch_norm_moving_averages_are_debiased():
 
 
 def test_sampling_in_training_and_evaluation():
-    """Training decodes z = mu + sigma * eps, eps ~ N(0, I) (the reparametrisation trick). The
-    released code's evaluation: REC decodes a sampled z = mu + sigma eps (not mu), GEN-1
-    z ~ N(0, I), GEN-2 u ~ N(0, I) through the stage-2 decoder; all from the caller's
-    generator, in that order."""
+    """Training decodes z = mu + sigma * eps, eps ~ N(0, I). The released code's evaluation:
+    REC decodes a sampled z = mu + sigma eps (not mu), GEN-1 z ~ N(0, I), GEN-2 u ~ N(0, I)
+    through the stage-2 decoder, in that order from the caller's generator."""
     m1, m2 = vae.VAE(16, 8, 4, 16, 2).eval(), vae.SecondStage(8, 16, 2).eval()  # eval: no BN noise
     x = torch.rand(4, 3, 16, 16)
     torch.manual_seed(5)
@@ -323,8 +293,7 @@ def test_variance_law_and_inactive_latents_by_both_definitions():
 
 
 # === train.py: the tiny run, shared by the tests that only read it ===============================
-# Names the code is moving (train.build -> vae.build, train.save_grid -> data.save_grid): the
-# tests reach them only through these, so the move is a one-line edit here.
+# moving to vae.build and data.save_grid: reached only through these, a one-line edit each
 build = train.build
 save_grid = train.save_grid
 
@@ -337,18 +306,14 @@ CPU = argparse.Namespace(device=torch.device("cpu"), compile=False, amp="none")
 EPOCHS = {1: 3, 2: 2}  # the shared run's, per stage; 6 steps an epoch (60 images, batch 10)
 
 
-def smooth_images(n, rng, side=16):
-    yy, xx = np.mgrid[0:side, 0:side] / (side - 1)
-    a, b, c = rng.uniform(0, 1, (3, n, 1, 1))
-    return (np.stack([a * xx, b * yy, c * (1 - xx)], -1) * 255).round().astype(np.uint8)
-
-
 def image_folder(root, n_train=60, n_test=30, seed=0, side=16):
     """train/ and test/ subfolders of smooth PNG images (lossless, so pixels are known)."""
-    rng = np.random.default_rng(seed)
+    rng, (yy, xx) = np.random.default_rng(seed), np.mgrid[0:side, 0:side] / (side - 1)
     for split, n in (("train", n_train), ("test", n_test)):
         os.makedirs(root / split)
-        for i, im in enumerate(smooth_images(n, rng, side)):
+        a, b, c = rng.uniform(0, 1, (3, n, 1, 1))
+        smooth = (np.stack([a * xx, b * yy, c * (1 - xx)], -1) * 255).round().astype(np.uint8)
+        for i, im in enumerate(smooth):
             Image.fromarray(im).save(root / split / f"{i:03d}.png")
     return root
 
@@ -359,10 +324,9 @@ def bare(out, *argv):
 
 @pytest.fixture(scope="module")
 def shared(tmp_path_factory):
-    """The tiny run: a folder of 60 + 30 smooth 16x16 images; stage 1 trained EPOCHS[1] epochs
-    with TINY's flags (`out`; `one` is a copy of stage 1 alone), then stage 2 on it for EPOCHS[2]
-    given --out and its network's flags only; what they printed (`log`, and `err` for stderr).
-    Tests only read it: one that changes a run works on copy_run's copy."""
+    """60 + 30 smooth 16x16 images (`folder`); stage 1 for EPOCHS[1] with TINY's flags, then
+    stage 2 given --out and its network's flags (`out`; `one`: a copy of stage 1 alone); what
+    they printed (`log`, `err`). Read only: a test that changes a run works on copy_run's."""
     root = tmp_path_factory.mktemp("shared")
     folder, out, one = image_folder(root / "images"), str(root / "run"), str(root / "stage1")
     log, err = io.StringIO(), io.StringIO()
@@ -421,41 +385,37 @@ def tiles(path, n, recon=False, side=16, ncol=8, pad=2):
 
 
 # === train.py: settings, 4.1/4.2 =================================================================
-@pytest.mark.parametrize("dataset, side, stage, expected", [
-    ("cifar10", 32, 1, dict(epochs=700, lr=1e-4, halve_every=200, kl_weight=1.0, l2=0.0,
-                            num_scale=3, second_dim=2048)),
-    ("cifar10", 32, 2, dict(epochs=1400, lr=1e-4, halve_every=100, kl_weight=1.0, l2=0.0,
-                            num_scale=3, second_dim=2048)),
-    ("celeba", 64, 1, dict(epochs=70, lr=5e-5, halve_every=60, kl_weight=4.0, l2=1e-3,
-                           num_scale=4, second_dim=4096)),
-    ("celeba", 64, 2, dict(epochs=140, lr=5e-5, halve_every=120, kl_weight=1.0, l2=0.0,
-                           num_scale=4, second_dim=4096)),
-    ("folder", 16, 1, dict(epochs=700, lr=1e-4, halve_every=200, kl_weight=0.25, l2=0.0,
-                           num_scale=2, second_dim=2048)),
-    ("folder", 64, 1, dict(epochs=70, lr=5e-5, halve_every=60, kl_weight=4.0, l2=1e-3,
-                           num_scale=4, second_dim=4096)),
+@pytest.mark.parametrize("dataset, side, stage, numbers", [
+    # epochs, lr, halve_every, kl_weight, l2, num_scale, second_dim
+    ("cifar10", 32, 1, (700, 1e-4, 200, 1.0, 0.0, 3, 2048)),
+    ("cifar10", 32, 2, (1400, 1e-4, 100, 1.0, 0.0, 3, 2048)),
+    ("celeba", 64, 1, (70, 5e-5, 60, 4.0, 1e-3, 4, 4096)),
+    ("celeba", 64, 2, (140, 5e-5, 120, 1.0, 0.0, 4, 4096)),
+    ("folder", 16, 1, (700, 1e-4, 200, 0.25, 0.0, 2, 2048)),
+    ("folder", 64, 1, (70, 5e-5, 60, 4.0, 1e-3, 4, 4096)),
 ])
-def test_defaults_are_the_papers_numbers(dataset, side, stage, expected):
+def test_defaults_are_the_papers_numbers(dataset, side, stage, numbers):
     """Sections 4, 4.1, 4.2 and Fig. 1, as literal numbers (CelebA's halving periods and stage-2
     epochs from the released code's comments): CelebA's for any side of 64 or more, else
-    CIFAR-10's, with k by pixel count (4.2: 256 / 1024 for 16x16)."""
+    CIFAR-10's. k by pixel count (4.2: 4x CIFAR-10's pixels in CelebA's 64x64 with the same 64
+    latents, 4x the KL): 1 at 32x32, 4 at 64x64, 256 / 1024 at 16x16; 1 in stage 2."""
     common = dict(paper="CelebA" if side >= 64 else "CIFAR-10", dataset=dataset, img_size=side,
-                  batch_size=100, gamma="computed",
-                  latent_dim=64, base_dim=32, fc_dim=512, block_per_scale=1, depth_per_block=2,
-                  second_depth=3, seed=0, resize="bilinear", jpeg=None, limit=None)
+                  batch_size=100, gamma="computed", latent_dim=64, base_dim=32, fc_dim=512,
+                  block_per_scale=1, depth_per_block=2, second_depth=3, seed=0,
+                  resize="bilinear", jpeg=None, limit=None)
+    expected = dict(zip(("epochs", "lr", "halve_every", "kl_weight", "l2", "num_scale",
+                         "second_dim"), numbers))
     assert train.paper_defaults(dataset, side, stage) == {**common, **expected}
+    assert stage == 2 or vae.kl_weight_for(side) == expected["kl_weight"]
 
 
-@pytest.mark.parametrize("epoch, lr", [(0, 1e-4), (199, 1e-4), (200, 5e-5), (399, 5e-5),
-                                       (400, 2.5e-5), (600, 1.25e-5), (699, 1.25e-5)])
-def test_learning_rate_halves_every_200_epochs(epoch, lr):
-    """Paper 4.1: 1e-4, halved every 200 epochs; epoch is 0-based (the 201st epoch halves)."""
-    assert train.lr_at(dict(lr=1e-4, halve_every=200), epoch) == lr
-
-
-def test_adam_is_tf1s():
-    """Two Adam steps on loss = 3p, then -p, by hand with TF1's defaults (beta1 0.9, beta2 0.999,
-    eps 1e-8 added to the root of the bias-corrected second moment), paper section 4."""
+def test_adam_is_tf1s_and_the_lr_halves_every_200_epochs():
+    """Paper 4: two Adam steps on loss = 3p, then -p, by hand with TF1's defaults (beta1 0.9,
+    beta2 0.999, eps 1e-8 added to the root of the bias-corrected second moment). Paper 4.1:
+    1e-4, halved every 200 epochs; epoch is 0-based (the 201st epoch halves)."""
+    epochs = (0, 199, 200, 399, 400, 600, 699)
+    assert [train.lr_at(dict(lr=1e-4, halve_every=200), e) for e in epochs] == [
+        1e-4, 1e-4, 5e-5, 5e-5, 2.5e-5, 1.25e-5, 1.25e-5]
     p = nn.Parameter(torch.zeros((), dtype=torch.float64))
     opt = train.make_optimizer(nn.ParameterList([p]), 0.1, torch.device("cpu"))
     want, m, v = 0.0, 0.0, 0.0
@@ -470,10 +430,8 @@ def test_adam_is_tf1s():
 
 def test_a_new_run_takes_the_papers_settings_then_the_flags_given(shared, tmp_path):
     """A new stage 1 takes train.paper_defaults for its dataset and side, then the flags given;
-    a new stage 2 the paper's stage-2 settings and stage 1's data and network, then its own
-    flags; a resume the checkpoint's, then --epochs. The checkpoints keep them with the image
-    counts and the stage 1 under stage 2; the start line names the source; a progress line
-    counts each epoch's images."""
+    a new stage 2 the paper's stage-2 settings, stage 1's data and network, then its flags; a
+    resume the checkpoint's, then --epochs. The start line names that source."""
     cfg1, cfg2 = (torch.load(os.path.join(shared.out, f"stage{s}.pt"), weights_only=True)["config"]
                   for s in (1, 2))
     want = train.paper_defaults("folder", 16, 1) | TINY_FLAGS | dict(epochs=EPOCHS[1])
@@ -509,10 +467,9 @@ def test_a_new_run_takes_the_papers_settings_then_the_flags_given(shared, tmp_pa
 
 # === train.py: the training loop =================================================================
 def test_training_lowers_mse_and_writes_outputs(shared):
-    """Stage 1's epochs: a metrics row each, the mse and gamma falling; the checkpoint holds the
-    history and gamma's estimate (gamma^2); each epoch's lr (train.lr_at) reaches the optimizer;
-    sample grids every --sample-every 2 epochs and the last. Stage 2 on it: its own rows and
-    pictures, stage 1's left as they were."""
+    """Per epoch a metrics row, the mse and gamma falling, its lr (train.lr_at) in the optimizer;
+    the checkpoint holds the history and gamma^2; grids every --sample-every 2 epochs and the
+    last, the recon grid's originals spread over the split; stage 2's rows and pictures apart."""
     out, rows = shared.out, metrics(shared.out)
     assert [r["epoch"] for r in rows] == [1, 2, 3] and rows[-1]["mse"] < rows[0]["mse"]
     assert all(r["gamma"] <= 1 for r in rows) and rows[-1]["gamma"] < rows[0]["gamma"]
@@ -537,10 +494,9 @@ def test_training_lowers_mse_and_writes_outputs(shared):
 
 
 def test_a_step_is_eq_7_plus_k_eq_3_plus_l2_at_the_gamma_before_it():
-    """A step's loss: eq. 7 summed over D = 768 values at gamma from the batches before it, plus
-    k times eq. 3, plus l2 * sum(w^2) over the stride-2 kernels (paper 4.2: the resampling
-    layers, biases excluded); then the estimate takes the step's batch mse by the rule of
-    vae.ComputedGamma (section 3; the released code's order), read here, not restated."""
+    """A step's loss: eq. 7 over D = 768 values at gamma from the batches before it, + k eq. 3,
+    + l2 sum(w^2) over the stride-2 kernels (paper 4.2); then the estimate takes the step's mse
+    by vae.ComputedGamma's rule (section 3; the released code's order), read, not restated."""
     torch.manual_seed(0)
     model = build(TINY_CFG, 1)
     step = train.make_step(model, train.make_optimizer(model, 1e-3, CPU.device),
@@ -561,10 +517,25 @@ def test_a_step_is_eq_7_plus_k_eq_3_plus_l2_at_the_gamma_before_it():
 
 
 def test_each_epoch_draws_new_noise(shared, tmp_path, monkeypatch):
-    """Each epoch's reparametrisation noise is new: the noise of epoch e is seeded from
-    data.epoch_generator(seed, e) (this project's rule, so that a resume needs no saved state),
-    so no step of epoch 2 draws epoch 1's noise again. Seen in stage 2, whose epochs run through
-    the same loop as stage 1's and cost little."""
+    """Stage 2 trains on z = mu + sigma * eps with new eps every epoch (Dai & Wipf), each row
+    once an epoch, in whole batches only. The step's noise of epoch e is seeded from
+    data.epoch_generator(seed, e) (a resume needs no saved state): no step of epoch 2 draws
+    epoch 1's noise again (seen in stage 2; stage 1's epochs run through the same loop)."""
+    mu = torch.arange(40.0).reshape(20, 2)
+    images = np.arange(20, dtype=np.uint8)[:, None, None, None].repeat(3, 3)  # image i holds i
+    m1 = types.SimpleNamespace(encode=lambda x: (mu[(x[:, 0, 0, 0] * 255).round().long()],
+                                                 torch.full((len(x), 2), math.log(0.01))))
+    epoch, todo = data.latent_batches(m1, images, 5, 0, torch.device("cpu"))
+    epochs = [torch.cat(list(epoch(e))) for e in (0, 1)]
+    assert todo == 20
+    for z in epochs:
+        order = z[:, 0].round().long() // 2  # which row of mu each sample came from
+        assert sorted(order.tolist()) == list(range(20))
+        assert (z - mu[order]).abs().max() < 0.06  # sigma 0.01
+    noise = [z - mu[z[:, 0].round().long() // 2] for z in epochs]
+    assert not torch.allclose(*[e[e[:, 1].argsort()] for e in noise])
+    epoch, todo = data.latent_batches(m1, images[:17], 5, 0, torch.device("cpu"))
+    assert todo == 15 and [len(b) for b in epoch(0)] == [5, 5, 5]  # 17 rows: 3 whole batches
     out, seen, real = copy_run(shared.one, tmp_path), [], torch.randn_like
     monkeypatch.setattr(torch, "randn_like", lambda t, **k: seen.append(real(t, **k)) or seen[-1])
     bare(out, "--stage", "2", "--epochs", "2", "--second-dim", "16", "--batch-size", "10")
@@ -573,10 +544,9 @@ def test_each_epoch_draws_new_noise(shared, tmp_path, monkeypatch):
 
 
 def test_limit_draws_a_seeded_subset_kept_by_every_stage(shared, tiny, monkeypatch, capsys):
-    """--limit 20 of 60: the same 20 images, drawn from the seed (not the first 20 files), for
-    stage 1, a resume and stage 2, as the start line says. Stage 2 trains on mu(x), sigma(x) of
-    those images from the stage-1 encoder in evaluation mode (Dai & Wipf: batch norm on its
-    moving averages)."""
+    """--limit 20 of 60: the same 20 images drawn from the seed (not the first 20) for stage 1, a
+    resume and stage 2, as the start line says; stage 2 on mu(x), sigma(x) of those images from
+    the stage-1 encoder in evaluation mode (Dai & Wipf: batch norm's moving averages)."""
     run, out = tiny
     seen, encoded = [], []
     real_init, real_latents = data.Batches.__init__, data.latent_batches
@@ -608,33 +578,13 @@ def test_limit_draws_a_seeded_subset_kept_by_every_stage(shared, tiny, monkeypat
     torch.testing.assert_close(seen_logsd, logsd, rtol=1e-4, atol=1e-5)
 
 
-def test_non_finite_loss_stops_and_keeps_last_checkpoint(tiny, monkeypatch, capsys):
-    """A NaN loss in epoch 2 (its 2nd step) stops the run with one line; stage1.pt and the
-    metrics keep epoch 1."""
-    run, out = tiny
-    real_loss = vae.vae_loss
-    calls = []
-
-    def loss(*a, **k):
-        calls.append(1)
-        l, mse, kl = real_loss(*a, **k)
-        return (l * float("nan") if len(calls) == 8 else l), mse, kl
-    monkeypatch.setattr(vae, "vae_loss", loss)
-    with pytest.raises(SystemExit):
-        run("--epochs", "3")
-    assert "non-finite loss in epoch 2" in capsys.readouterr().err
-    assert torch.load(os.path.join(out, "stage1.pt"), weights_only=True)["epoch"] == 1
-    assert [r["epoch"] for r in metrics(out)] == [1]
-
-
 # === train.py: resume and Ctrl-C =================================================================
 @pytest.mark.parametrize("stage, again, lose_line", [(1, False, False), (2, False, False),
                                                      (1, True, True)])
 def test_resume_equals_the_uninterrupted_run(shared, tiny, tmp_path, stage, again, lose_line):
-    """--resume with --out, --stage and --epochs alone (no --dataset, no --data-dir) takes every
-    setting from the checkpoint; flags given again that equal the checkpoint's are taken. Either
-    way the run ends where the uninterrupted shared run does; a metrics file that lost its last
-    line (a kill between the two writes) is whole again after the next epoch."""
+    """--resume with --out, --stage and --epochs alone takes every setting from the checkpoint,
+    flags equal to them are taken, and the run ends where the uninterrupted one does; a metrics
+    file that lost its last line (a kill between the two writes) is whole again."""
     run, out = tiny
     if stage == 1:
         run("--epochs", str(EPOCHS[1] - 1))
@@ -652,25 +602,33 @@ def test_resume_equals_the_uninterrupted_run(shared, tiny, tmp_path, stage, agai
     assert metrics(out, stage) == metrics(shared.out, stage)
 
 
-@pytest.mark.parametrize("at, resume", [(3, False), (9, False), (3, True)])
-def test_ctrl_c_keeps_the_last_epoch_and_says_how_to_go_on(shared, tiny, tmp_path, monkeypatch,
-                                                           capsys, at, resume):
-    """Ctrl-C at step 3 of a new run (epoch 1 of 6 steps): nothing was saved, and the command to
-    start again; at step 9 (epoch 2), or in a resume: the command to continue, --resume once.
-    Exit 130, the message on a fresh line; stage1.pt and the metrics stay at the last finished
-    epoch, no temporary file left; --resume redoes the cut epoch and ends where an uninterrupted
-    run does."""
+@pytest.mark.parametrize("cut, at, resume", [("ctrl-c", 3, False), ("ctrl-c", 9, False),
+                                             ("ctrl-c", 3, True), ("nan", 8, False)])
+def test_a_cut_run_keeps_the_last_epoch_and_says_how_to_go_on(shared, tiny, tmp_path, monkeypatch,
+                                                              capsys, cut, at, resume):
+    """Ctrl-C at step 3 of a new run (epoch 1 of 6 steps): nothing saved, the command to start
+    again; at step 9 or in a resume: the command to continue, --resume once; exit 130, on a
+    fresh line. A NaN loss stops a run with one line. The checkpoint and metrics stay at the
+    last finished epoch; --resume redoes the cut one and ends where an uninterrupted run does."""
     run, out = tiny
     if resume:
         copy_run(shared.one, tmp_path)
-    calls, real_update = [], vae.ComputedGamma.update
+    calls, real_update, real_loss = [], vae.ComputedGamma.update, vae.vae_loss
 
     def update(self, batch_mse):
         real_update(self, batch_mse)
         calls.append(1)
         if len(calls) == at:
             raise KeyboardInterrupt
-    monkeypatch.setattr(vae.ComputedGamma, "update", update)
+
+    def loss(*a, **k):
+        l, mse, kl = real_loss(*a, **k)
+        calls.append(1)
+        return (l * float("nan") if len(calls) == at else l), mse, kl
+    if cut == "nan":
+        monkeypatch.setattr(vae, "vae_loss", loss)
+    else:
+        monkeypatch.setattr(vae.ComputedGamma, "update", update)
     capsys.readouterr()
     argv = ["--epochs", str(EPOCHS[1] + resume)] + ["--resume"] * resume
     with pytest.raises(SystemExit) as e:
@@ -682,8 +640,11 @@ def test_ctrl_c_keeps_the_last_epoch_and_says_how_to_go_on(shared, tiny, tmp_pat
             f"{command}{' --resume' * (not resume)}" if kept else
             f"interrupted: nothing was saved; start again with\n  {command}")
     err = capsys.readouterr().err
-    assert e.value.code == 130 and err.endswith(want + "\n")
-    assert re.split("[\r\n]", err[:-len(want) - 1])[-1] == ""  # at the start of a line
+    if cut == "nan":
+        assert e.value.code == 1 and "error: non-finite loss in epoch 2" in err
+    else:
+        assert e.value.code == 130 and err.endswith(want + "\n")
+        assert re.split("[\r\n]", err[:-len(want) - 1])[-1] == ""  # at the start of a line
     assert not [f for f in files_under(out) if ".tmp" in f]
     if not kept:
         assert not os.path.exists(os.path.join(out, "stage1.pt"))
@@ -692,6 +653,7 @@ def test_ctrl_c_keeps_the_last_epoch_and_says_how_to_go_on(shared, tiny, tmp_pat
     assert metrics(out) == metrics(shared.out)[:kept]
     if not resume:
         monkeypatch.setattr(vae.ComputedGamma, "update", real_update)
+        monkeypatch.setattr(vae, "vae_loss", real_loss)
         run("--epochs", str(EPOCHS[1]), "--resume")
         assert metrics(out) == metrics(shared.out)
 
@@ -710,8 +672,7 @@ CONTRADICTIONS = [  # a flag given against stage1.pt (TINY's flags, the paper's 
      f"--kl-weight 2 contradicts .*, made with --kl-weight {vae.kl_weight_for(16):g}"),
     (["--dataset", "cifar10"], "--dataset cifar10 contradicts .*, made with --dataset folder"),
 ]
-COUNTS = ("img-size", "batch-size", "sample-every", "epochs", "limit", "halve-every",
-          "latent-dim")
+COUNTS = ("img-size", "batch-size", "sample-every", "epochs", "limit", "halve-every", "latent-dim")
 REFUSALS = [  # (what --out holds, the flags, the error); a new run is given TINY's flags too
     ("nothing", ["--img-size", "30"],
      "image side 30: .*power of two >= 4.*: choose another --img-size"),
@@ -727,10 +688,8 @@ REFUSALS = [  # (what --out holds, the flags, the error); a new run is given TIN
     ("nothing", ["--jpeg", "100"], "--jpeg 100 is out of range: give a number from 1 to 95"),
     ("nothing", ["--latent-norm"],
      "--no-fid, --latent-norm and --inception-weights apply to --eval only"),
-    ("nothing", ["--stage", "2", "--epochs", "1"],
-     "no checkpoint at .*stage1.pt: train stage 1 first"),
-    ("nothing", ["--epochs", "1", "--resume"], "no checkpoint at .*stage1.pt: train stage 1"),
-    ("nothing", EVAL, "no checkpoint at .*stage1.pt: train stage 1 first"),
+    *[("nothing", argv, "no checkpoint at .*stage1.pt: train stage 1 first")
+      for argv in (["--stage", "2", "--epochs", "1"], ["--epochs", "1", "--resume"], EVAL)],
     ("stage 1", ["--stage", "2", "--epochs", "1", "--resume"],
      "no checkpoint at .*stage2.pt: train stage 2 first"),
     ("stage 1", ["--epochs", "4"], ".*stage1.pt exists: add --resume"),
@@ -749,26 +708,29 @@ REFUSALS = [  # (what --out holds, the flags, the error); a new run is given TIN
        ".*stage1.pt is now at epoch 4: move stage2.pt away") for argv in (
         EVAL, ["--stage", "2", "--epochs", "3", "--resume"])],
     ("truncated stage 1", RESUME, ".*stage1.pt cannot be read .*: it is truncated, corrupt"),
+    # torch.load(weights_only=True): a pickle that would run code (os.system touching a file in
+    # --out) is refused, and the code never runs; never torch's advice of weights_only=False
+    ("stage 1 that runs code", RESUME, ".*stage1.pt cannot be read .*: it is truncated, corrupt"),
 ]
 
 
 @pytest.mark.parametrize("holds, argv, message", REFUSALS)
 def test_refusals_come_first_in_one_line_and_change_nothing(shared, tmp_path, monkeypatch,
                                                            capsys, holds, argv, message):
-    """A bad flag or a run that cannot go on as asked: exit 1 with one line "error: ...", no
-    traceback and never torch's unsafe weights_only advice; before any data is decoded or image
-    generated, and --out left as it was. A flag given again must agree with the checkpoint; the
-    data must have the run's image counts; stage2.pt must be on stage 1 as it is."""
+    """Exit 1 with one line "error: ...", never torch's unsafe weights_only advice, before any
+    data is decoded or image generated, --out left as it was."""
     out = str(tmp_path / "run")
     if holds != "nothing":
         copy_run(shared.out if holds in ("both stages", "stage 1 trained on") else shared.one,
-                 tmp_path)
+                 tmp_path)  # the others: stage 1 alone
     stage1 = os.path.join(out, "stage1.pt")
     if holds == "stage 1 trained on":  # further after stage 2 (with stage2.pt moved away)
         torch.save(torch.load(stage1, weights_only=True) | dict(epoch=4), stage1)
     if holds == "truncated stage 1":
         with open(stage1, "r+b") as f:
             f.truncate(os.path.getsize(stage1) // 2)
+    if holds == "stage 1 that runs code":
+        torch.save(dict(epoch=Gadget(os.system, f"touch {out}/ran")), stage1)
     if "{dogs}" in argv:  # other data: 54 train and 10 test images
         dogs = str(image_folder(tmp_path / "dogs", n_train=54, n_test=10, seed=1))
         argv = [dogs if a == "{dogs}" else a for a in argv]
@@ -803,8 +765,7 @@ def test_flag_syntax_errors_are_argparses(tiny, capsys, argv, message):
 
 
 def test_an_error_starts_on_a_fresh_line(monkeypatch, capsys):
-    """An error met while a progress line is drawn (a corrupt image while decoding) is printed
-    on a line of its own, not glued onto the progress line."""
+    """An error met while a progress line is drawn starts a line of its own."""
     def images():
         yield [1]
         time.sleep(0.3)  # the progress line is drawn at most 4 times a second
@@ -815,20 +776,6 @@ def test_an_error_starts_on_a_fresh_line(monkeypatch, capsys):
         train.main(["--epochs", "1"])
     assert re.search(r"\rdecoding 2/9 images, .*\nerror: cannot decode image x.png\n$",
                      capsys.readouterr().err)
-
-
-def test_a_checkpoint_that_would_run_code_is_refused_unrun(tmp_path):
-    """Checkpoints are read with torch.load(weights_only=True): a stage1.pt whose pickle calls a
-    function on loading (here os.system, touching a marker file) is refused with one line, and
-    the call never happens; torch's advice to pass weights_only=False is not passed on."""
-    marker, out = tmp_path / "ran", tmp_path / "run"
-    out.mkdir()
-    torch.save(dict(epoch=Gadget(os.system, f"touch {marker}")), out / "stage1.pt")
-    with pytest.raises(DataError) as e:
-        train.load_checkpoint(str(out), 1, "cpu")
-    assert not marker.exists()
-    assert str(e.value).startswith(f"{out / 'stage1.pt'} cannot be read (")
-    assert "\n" not in str(e.value) and "weights_only" not in str(e.value)
 
 
 def test_moved_and_linked_data_is_the_same_data(shared, tmp_path):
@@ -851,12 +798,10 @@ def test_moved_and_linked_data_is_the_same_data(shared, tmp_path):
 # === train.py: evaluation, sections 4-5 ==========================================================
 @pytest.mark.parametrize("latent_norm", [False, True])
 def test_eval_follows_the_protocol(shared, tmp_path, capsys, latent_norm):
-    """--eval's pictures and numbers against the protocol (paper 4-5, the released code's
-    sampling) done by hand: REC decodes mu + sigma * eps, GEN-1 z ~ N(0, I), GEN-2 the stage-2
-    decoder's output (rescaled to the variance law with --latent-norm, paper 4.2), drawn in that
-    order from a generator seeded with the run's seed; the mse over the test images; eq. 6 and
-    footnote 3 as vae.latent_summary has them. Every setting from the checkpoints; the table
-    and a progress line per set printed."""
+    """--eval by hand (paper 4-5, the released code's sampling): REC decodes mu + sigma * eps,
+    GEN-1 z ~ N(0, I), GEN-2 the stage-2 decoder's output (scaled to the variance law with
+    --latent-norm, 4.2), in that order from the run's seed; the mse; eq. 6 and footnote 3 as
+    vae.latent_summary has them; settings from the checkpoints; the table, progress lines."""
     out = copy_run(shared.out, tmp_path)
     capsys.readouterr()
     bare(out, "--eval", "--no-fid", "--n-eval", "25", *(["--latent-norm"] if latent_norm else []))
@@ -912,93 +857,62 @@ def test_eval_after_fewer_than_1000_steps_says_the_moving_averages_lag(shared, t
                      "1,000-3,000 steps"] * (epoch < 167)
 
 
-def test_eval_scores_each_set_against_the_test_images(shared, tmp_path, weights):
-    """--eval's FIDs (paper 4-5) on random Inception weights: REC scores the reconstructions,
-    GEN-1 the decoder's samples, GEN-2 the two-stage samples, each against the statistics of the
-    drawn n test images, which are cached beside the split's cache. With n = 4 every image of
-    each set is in its grid, so the sets are read back from there."""
-    out, weights = copy_run(shared.out, tmp_path), weights[0]  # He-initialised: O(1) features
-    bare(out, "--eval", "--n-eval", "4", "--inception-weights", str(weights))
-    res = json.load(open(os.path.join(out, "eval.json")))
-    (cached,) = (tmp_path / "cache").rglob("fid_stats_*.npz")
-    net = fid.load_inception("torchvision", str(weights), "cpu")
-    test = data.load_split("folder", "test", str(shared.folder), 16)
-    test = test[np.sort(np.random.default_rng(3).choice(30, 4, replace=False))]  # seed 3
-
-    def features(imgs):
-        with torch.no_grad():
-            return net(torch.from_numpy(imgs).permute(0, 3, 1, 2).float() / 255).double().numpy()
-    a = features(test)
-    np.testing.assert_allclose(fid.load_stats(cached)[0], a.mean(0), rtol=1e-5, atol=1e-6)
-    # the grid's rows alternate originals and reconstructions of 32 picks spread over the 4
-    pick = list(np.linspace(0, 3, 32).astype(int))
-    at = [(2 * (pick.index(k) // 8) + r) * 8 + pick.index(k) % 8 for k in range(4) for r in (0, 1)]
-    pairs = tiles(os.path.join(out, "eval_recon.png"), 64, True)[at]
-    assert np.array_equal(pairs[::2], test)
-    recon = pairs[1::2]
-    gen1, gen2 = (tiles(os.path.join(out, f"eval_gen{k}.png"), 4) for k in (1, 2))
-    for key, imgs in (("rec_fid", recon), ("gen1_fid", gen1), ("gen2_fid", gen2)):
-        want, largest = fid_of_features(a, features(imgs))  # closed form, 4 images a side
-        assert res[key] == pytest.approx(want, abs=2 * root_tol(2048, largest)), key
-    assert len({round(res[k], 3) for k in ("rec_fid", "gen1_fid", "gen2_fid")}) == 3
-
-
-class MeanPixel(nn.Module):
-    """A stand-in Inception: each image's mean RGB as its 'features' (3 of them)."""
-
-    def __init__(self):
-        super().__init__()
-        self.unused = nn.Parameter(torch.zeros(()))  # where feature_stats finds the device
-
-    def forward(self, x):
-        return x.mean((2, 3))
-
-
-def test_real_statistics_are_cached_per_protocol(shared, tiny, tmp_path, monkeypatch):
-    """Two runs on the same folder, lossless and with --jpeg 75: each --eval writes its own
-    statistics file, holding the mean and covariance of its own protocol's test images."""
-    run, _ = tiny
-    monkeypatch.setattr(fid, "load_inception", lambda *a: MeanPixel())
-    runs = copy_run(shared.one, tmp_path, "lossless"), str(tmp_path / "jpeg")
+def test_eval_scores_each_set_against_the_test_images(shared, tiny, tmp_path, monkeypatch):
+    """--eval's FIDs (paper 4-5) on a stand-in network: REC, GEN-1 and GEN-2 each against the n
+    test images drawn from the seed, whose statistics are cached beside the split's cache, one
+    file per protocol (lossless, --jpeg 75). With n = 4 each set is whole in its grid."""
+    run, loads = tiny[0], []
+    monkeypatch.setattr(fid, "load_inception", lambda *a: loads.append(a[:2]) or Pixels())
+    runs = copy_run(shared.out, tmp_path, "lossless"), str(tmp_path / "jpeg")
     run("--epochs", "1", "--out", runs[1], "--jpeg", "75")
     for out in runs:
-        bare(out, "--eval", "--n-eval", "30")
+        bare(out, "--eval", "--n-eval", "4", "--inception-weights", "w.pth")
+    assert loads == [("torchvision", "w.pth")] * 2
+    drawn = np.sort(np.random.default_rng(3).choice(30, 4, replace=False))  # seed 3
+    test = np.stack([np.asarray(Image.open(shared.folder / "test" / f"{i:03d}.png"))
+                     for i in drawn])
     files = sorted((tmp_path / "cache").rglob("fid_stats_*.npz"), key=lambda f: "jpeg" in f.name)
     assert [("jpeg75" in f.name) for f in files] == [False, True]
-    folder = shared.folder / "test"
     for f, q in zip(files, (None, 75)):
-        pixels = np.stack([np.asarray(Image.open(folder / f"{i:03d}.png")) for i in range(30)])
-        if q:
-            pixels = np.stack([jpeg_round_trip(p, q) for p in pixels])
-        feats = pixels.reshape(30, -1, 3).mean(1) / 255
-        mu, sigma = fid.load_stats(f)[:2]
+        pixels = np.stack([jpeg_round_trip(p, q) for p in test]) if q else test
+        feats = pixel_features(pixels.transpose(0, 3, 1, 2))
+        mu, sigma = fid.load_stats(f)
         np.testing.assert_allclose(mu, feats.mean(0), rtol=1e-6)
         want = np.cov(feats, rowvar=False)  # float32 features: round-off ~1e-7 of each, so
         np.testing.assert_allclose(sigma, want, rtol=0, atol=1e-5 * np.abs(want).max())  # scale
+    res = json.load(open(os.path.join(runs[0], "eval.json")))
+    # the grid's rows alternate originals and reconstructions of 32 picks spread over the 4
+    pick = list(np.linspace(0, 3, 32).astype(int))
+    at = [(2 * (pick.index(k) // 8) + r) * 8 + pick.index(k) % 8 for k in range(4) for r in (0, 1)]
+    pairs = tiles(os.path.join(runs[0], "eval_recon.png"), 64, True)[at]
+    assert np.array_equal(pairs[::2], test)
+    gen1, gen2 = (tiles(os.path.join(runs[0], f"eval_gen{k}.png"), 4) for k in (1, 2))
+    features = lambda imgs: Pixels()(as_batch(imgs)).double().detach().numpy()  # as eval's
+    for key, imgs in (("rec_fid", pairs[1::2]), ("gen1_fid", gen1), ("gen2_fid", gen2)):
+        want, largest = fid_of_features(features(test), features(imgs))  # 4 images a side
+        assert res[key] == pytest.approx(want, abs=2 * root_tol(6, largest)), key
+    assert len({round(res[k], 3) for k in ("rec_fid", "gen1_fid", "gen2_fid")}) == 3
 
 
 # === pictures (train.py) =========================================================================
-@pytest.mark.parametrize("recon", [False, True])
-def test_grids_say_what_they_show_at_twice_32_px(tmp_path, recon):
+def test_grids_say_what_they_show_and_the_heatmap_is_fig_6(tmp_path):
     """A title above every grid; a recon grid names its rows (originals, then reconstructions,
-    alternating) in a 60-px margin; 32-px images at 2x (64 + 2 px a tile)."""
-    imgs = np.random.default_rng(0).integers(0, 256, (16, 32, 32, 3), np.uint8)
-    save_grid(imgs, tmp_path / "g.png", "GEN-1 samples", imgs[::-1] if recon else None)
-    g = np.asarray(Image.open(tmp_path / "g.png"))
-    rows, left = 4 if recon else 2, 60 * recon
-    assert g.shape == (20 + rows * 66 + 2, left + 8 * 66 + 2, 3)
-    np.testing.assert_array_equal(g[22:86:2, left + 2:left + 66:2], imgs[0])
-    ink = (g < 100).all(-1)  # black text on white
-    assert ink[:20].sum() > 50  # the title
-    names = [ink[20 + r * 66:86 + r * 66, :60].sum() for r in range(rows)] if recon else [0]
-    assert names == [0] or (names[0] == names[2] > names[1] == names[3] > 0)  # "original" > "recon"
-
-
-def test_heatmap_cells_and_scale(tmp_path):
-    """Latent r's E[sigma^2] in epoch c is the cell at (8 + c * w, 36 + r * 6), w = 600 // epochs,
+    alternating) in a 60-px margin; 32-px images at 2x (64 + 2 px a tile). The heatmap (Fig. 6-7):
+    latent r's E[sigma^2] in epoch c is the cell at (8 + c * w, 36 + r * 6), w = 600 // epochs,
     rows sorted by the epoch each latent fell below 0.8 (then by the last value), coloured from
-    dark blue (0, active) through teal (0.5) to yellow (1, inactive); the colour scale marks the
-    threshold 0.8 in red at 80% of its height from the bottom."""
+    dark blue (0, active) through teal (0.5) to yellow (1, inactive); the colour scale marks
+    footnote 3's threshold 0.8 in red at 80% of its height from the bottom."""
+    imgs = np.random.default_rng(0).integers(0, 256, (16, 32, 32, 3), np.uint8)
+    for recon in (False, True):
+        save_grid(imgs, tmp_path / "g.png", "GEN-1 samples", imgs[::-1] if recon else None)
+        g = np.asarray(Image.open(tmp_path / "g.png"))
+        rows, left = 4 if recon else 2, 60 * recon
+        assert g.shape == (20 + rows * 66 + 2, left + 8 * 66 + 2, 3)
+        np.testing.assert_array_equal(g[22:86:2, left + 2:left + 66:2], imgs[0])
+        ink = (g < 100).all(-1)  # black text on white
+        assert ink[:20].sum() > 50  # the title
+        names = [ink[20 + r * 66:86 + r * 66, :60].sum() for r in range(rows)] if recon else [0]
+        assert names == [0] or (names[0] == names[2] > names[1] == names[3] > 0)  # "original"
     history = [dict(stage=1, latent_var=[1.0, 0.25, 0.9]),
                dict(stage=1, latent_var=[0.0, 0.5, 1.0])]
     train.write_pictures(history, None, None, None, str(tmp_path), 0, grids=False)
@@ -1025,9 +939,8 @@ TEST = np.stack([cifar_image(k) for k in range(10, 13)])
 
 
 def cifar_tarball(path, module="numpy._core", replace=None):
-    """An official-format tarball; `module` spells numpy's module as numpy 2 (numpy._core) or
-    the official files (numpy.core) do. `replace` maps a batch name to another object to
-    pickle. Returns its MD5."""
+    """An official-format tarball, numpy's module named as numpy 2 or the official files do; its
+    MD5. `replace` maps a batch name to another object to pickle."""
     members, k = {}, 0
     for name, n in COUNTS.items():
         # a b'data' row is the R plane, then G, then B, each row-major (the official format)
@@ -1051,33 +964,6 @@ def cifar_tarball(path, module="numpy._core", replace=None):
         return hashlib.md5(f.read()).hexdigest()
 
 
-def test_official_constants_and_split_sizes():
-    """The official files' facts (paper 4.1, 4.2) that the fixtures below replace with small
-    ones: CIFAR-10's URL and MD5, 50,000 / 10,000 images; CelebA's partition, 162,770 / 19,867 /
-    19,962 of 202,599 by sorted file index; the sizes known without any file."""
-    assert data.CIFAR_MD5 == "c58f30108f718f92721af3b95e74349a"
-    assert data.CIFAR_URL == "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
-    assert data.CELEBA_SPLITS == {"train": (0, 162770), "valid": (162770, 182637),
-                                  "test": (182637, 202599)}
-    sizes = {("cifar10", "train"): 50000, ("cifar10", "test"): 10000, ("celeba", "train"): 162770,
-             ("celeba", "valid"): 19867, ("celeba", "test"): 19962}
-    assert {k: data.split_size(*k, "nowhere") for k in sizes} == sizes
-
-
-@pytest.mark.parametrize("module", ["numpy.core", "numpy._core"])
-def test_cifar_pixels_exact_and_cached(tmp_path, monkeypatch, module):
-    root = tmp_path / "data"
-    monkeypatch.setattr(data, "CIFAR_MD5", cifar_tarball(root / "cifar-10-python.tar.gz", module))
-    for split, expected in [("train", TRAIN), ("test", TEST)]:
-        x = data.load_split("cifar10", split, root)
-        assert isinstance(x, np.memmap) and not x.flags.writeable
-        assert x.filename == str(root / f"cifar10_{split}.npy")  # train.py puts FID stats there
-        np.testing.assert_array_equal(x, expected)
-    os.remove(root / "cifar-10-python.tar.gz")  # the caches alone now serve both splits
-    np.testing.assert_array_equal(data.load_split("cifar10", "train", root), TRAIN)
-    assert files_under(root) == ["cifar10_test.npy", "cifar10_train.npy"]
-
-
 class FakeResponse(io.BytesIO):
     """What urlopen returns; with `drop`, the connection breaks after the first read."""
     def __init__(self, payload, drop=False):
@@ -1091,10 +977,24 @@ class FakeResponse(io.BytesIO):
         return super().read(n)
 
 
-@pytest.mark.parametrize("outcome", ["ok", "corrupt", "cut short", "dropped"])
-def test_cifar_download_verified_before_use(tmp_path, monkeypatch, capsys, outcome):
+@pytest.mark.parametrize("outcome, module", [("ok", "numpy.core"), ("corrupt", "numpy._core"),
+                                             ("cut short", "numpy._core"),
+                                             ("dropped", "numpy._core")])
+def test_cifar_pixels_exact_and_cached(tmp_path, monkeypatch, capsys, outcome, module):
+    """The official files' facts (paper 4.1, 4.2) that the fixtures replace with small ones:
+    CIFAR-10's URL and MD5, 50,000 / 10,000 images; CelebA's partition, 162,770 / 19,867 /
+    19,962 of 202,599 by sorted file index; the sizes known without any file. A download is
+    verified before use; the official format's pixels (numpy's module named as numpy 1 or 2
+    does) exact, and cached."""
+    assert data.CIFAR_MD5 == "c58f30108f718f92721af3b95e74349a"
+    assert data.CIFAR_URL == "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
+    assert data.CELEBA_SPLITS == {"train": (0, 162770), "valid": (162770, 182637),
+                                  "test": (182637, 202599)}
+    sizes = {("cifar10", "train"): 50000, ("cifar10", "test"): 10000, ("celeba", "train"): 162770,
+             ("celeba", "valid"): 19867, ("celeba", "test"): 19962}
+    assert {k: data.split_size(*k, "nowhere") for k in sizes} == sizes
     src, root = tmp_path / "official.tar.gz", tmp_path / "data"
-    monkeypatch.setattr(data, "CIFAR_MD5", cifar_tarball(src))
+    monkeypatch.setattr(data, "CIFAR_MD5", cifar_tarball(src, module))
     good = src.read_bytes()
     payload = {"corrupt": good[:-1] + bytes([good[-1] ^ 1]),
                "cut short": good[:-100]}.get(outcome, good)  # as http.client's read may end
@@ -1107,25 +1007,17 @@ def test_cifar_download_verified_before_use(tmp_path, monkeypatch, capsys, outco
         assert data.CIFAR_URL in str(e.value)
         assert files_under(root) == []  # neither a bad download nor a cache
         monkeypatch.setattr(data.urllib.request, "urlopen", lambda url, timeout: FakeResponse(good))
-    np.testing.assert_array_equal(data.load_split("cifar10", "test", root), TEST)  # run again
+    for split, expected in [("train", TRAIN), ("test", TEST)]:  # downloaded (again) once
+        x = data.load_split("cifar10", split, root)
+        assert isinstance(x, np.memmap) and not x.flags.writeable
+        assert x.filename == str(root / f"cifar10_{split}.npy")  # train.py puts FID stats there
+        np.testing.assert_array_equal(x, expected)
     assert (root / "cifar-10-python.tar.gz").read_bytes() == good
     # the final count is drawn even when the whole file came within 0.25 s
     assert f"\rdownloading {data.CIFAR_URL} 0/163 MiB, " in capsys.readouterr().err
-
-
-@pytest.mark.parametrize("gadget", ["os.system", "builtins.open"])
-def test_cifar_malicious_pickle_is_not_executed(tmp_path, monkeypatch, gadget):
-    root, marker = tmp_path / "data", tmp_path / "pwned"
-    if gadget == "os.system":
-        evil = Gadget(os.system, f"touch {marker}")
-    else:
-        evil = Gadget(builtins.open, str(marker), "w")
-    md5 = cifar_tarball(root / "cifar-10-python.tar.gz", replace={"test_batch": evil})
-    monkeypatch.setattr(data, "CIFAR_MD5", md5)
-    with pytest.raises(data.DataError, match=r"CIFAR-10 batch holds (posix|io)\.(system|open);"):
-        data.load_split("cifar10", "test", root)
-    assert not marker.exists()
-    assert files_under(root) == ["cifar-10-python.tar.gz"]
+    os.remove(root / "cifar-10-python.tar.gz")  # the caches alone now serve both splits
+    np.testing.assert_array_equal(data.load_split("cifar10", "train", root), TRAIN)
+    assert files_under(root) == ["cifar10_test.npy", "cifar10_train.npy"]
 
 
 # === data.py: CelebA =============================================================================
@@ -1135,15 +1027,6 @@ QUADRANTS = ((0, 0), (0, 64), (64, 0), (64, 64))  # top-left corners inside the 
 def celeba_colours(k):
     return np.array([(10 * k, 20, 30), (40, 10 * k + 5, 60),
                      (70, 80, 10 * k + 9), (200, 210, 220 - k)], np.uint8)
-
-
-def celeba_image(k):
-    """A 178x218 image, green outside the crop window; the window's quadrants have image k's
-    colours."""
-    a = np.full((218, 178, 3), (0, 255, 0), np.uint8)
-    for (r, c), colour in zip(QUADRANTS, celeba_colours(k)):
-        a[45 + r:45 + r + 64, 25 + c:25 + c + 64] = colour
-    return a
 
 
 def assert_celeba(x, ks):
@@ -1159,24 +1042,23 @@ def assert_celeba(x, ks):
 
 
 def make_celeba(root, n=5):
-    """n CelebA-like files 000001.jpg... (PNG inside: lossless) in img_align_celeba/, written
-    in a scrambled order so that a listing in creation order is not the sorted one."""
+    """n 178x218 files 000001.jpg... (PNG inside), green but for the crop window's quadrants in
+    image k's colours; written scrambled, so the creation order is not the sorted one."""
     for k in sorted(range(n), key=lambda k: (k * 3) % n):
-        save_png(root / "celeba" / "img_align_celeba" / f"{k + 1:06d}.jpg", celeba_image(k))
+        a = np.full((218, 178, 3), (0, 255, 0), np.uint8)
+        for (r, c), colour in zip(QUADRANTS, celeba_colours(k)):
+            a[45 + r:45 + r + 64, 25 + c:25 + c + 64] = colour
+        save_png(root / "celeba" / "img_align_celeba" / f"{k + 1:06d}.jpg", a)
 
 
 SMALL_CELEBA = {"train": (0, 3), "valid": (3, 4), "test": (4, 5)}  # splits of 5 files
 
 
-@pytest.fixture
-def small_celeba_splits(monkeypatch):
-    monkeypatch.setattr(data, "CELEBA_SPLITS", SMALL_CELEBA)
-
-
-def test_celeba_crop_resize_and_split_by_sorted_index(tmp_path, small_celeba_splits):
+def test_celeba_crop_resize_and_split_by_sorted_index(tmp_path, monkeypatch):
     """Paper 4.2: the 128x128 window (rows 45:173, columns 25:153) resized to 64x64, split by
     sorted file index (the official partition); one cache per size and resize filter, which
     serves without the files."""
+    monkeypatch.setattr(data, "CELEBA_SPLITS", SMALL_CELEBA)
     make_celeba(tmp_path)
     for split, ks in {"train": [0, 1, 2], "valid": [3], "test": [4]}.items():
         x = data.load_split("celeba", split, tmp_path)
@@ -1192,29 +1074,23 @@ def test_celeba_crop_resize_and_split_by_sorted_index(tmp_path, small_celeba_spl
 
 
 # === data.py: folders ============================================================================
-def folder_image(k, wide):
-    """A 50x30 (or 30x50) image whose centred 30x30 square is colour k and the rest white."""
-    a = np.full((30, 50, 3) if wide else (50, 30, 3), 255, np.uint8)
-    (a[:, 10:40] if wide else a[10:40])[:] = (k, 100 + k, 200 - k)
-    return a
-
-
 # Sorted by path relative to the root; created in another order. Index 9 is the test image.
 NESTED = ["a/0.png", "a/b/1.bmp", "a/b/c/2.PNG", "a/z.png", "b.png", "c/0.png", "c/1.png",
           "d.png", "e.png", "f/x.png", "g.png", "h.png"]
 
 
 def make_folder(root, rels, start=0):
+    """Image k: 50x30 or 30x50, its centred 30x30 square colour k, the rest white."""
     for k, rel in reversed(list(enumerate(rels, start))):
-        a = folder_image(k, wide=k % 2 == 0)
+        a = np.full((30, 50, 3) if k % 2 == 0 else (50, 30, 3), 255, np.uint8)
+        (a[:, 10:40] if k % 2 == 0 else a[10:40])[:] = (k, 100 + k, 200 - k)
         os.makedirs(os.path.dirname(root / rel), exist_ok=True)
         Image.fromarray(a).save(root / rel, format="BMP" if rel.endswith(".bmp") else "PNG")
     (root / "notes.txt").write_text("not an image")
 
 
 def colours(ks):
-    """The expected 15x15 images: each centre colour k, uniform (so exact in every resize
-    mode)."""
+    """The expected 15x15 images: centre colour k, uniform (exact in every resize mode)."""
     centres = np.array([(k, 100 + k, 200 - k) for k in ks], np.uint8)
     return np.broadcast_to(centres[:, None, None], (len(ks), 15, 15, 3))
 
@@ -1234,9 +1110,8 @@ def cache_dirs(tmp_path):
 ])
 def test_folder_splits_are_train_and_test_or_every_10th(tmp_path, monkeypatch, rels, train,
                                                         test, modes):
-    """train/ and test/ where the folder has both (the rest left out), else every 10th file by
-    sorted path is a test image: counted without decoding, decoded (in each resize mode, exact
-    for these uniform centres) into a cache outside the folder, in a directory named by a key."""
+    """train/ and test/ if both exist (the rest left out), else every 10th file by sorted path is
+    a test image; counted undecoded; cached outside the folder, in a directory named by a key."""
     root = tmp_path / "imgs"
     make_folder(root, rels)
     before = files_under(root)
@@ -1256,17 +1131,9 @@ def test_folder_splits_are_train_and_test_or_every_10th(tmp_path, monkeypatch, r
     assert x.filename == str(tmp_path / "cache" / "balancing-vae" / key / f"test_15_{mode}.npy")
 
 
-def test_folder_grey_and_rgba_become_rgb(tmp_path):
-    Image.fromarray(np.full((8, 8), 77, np.uint8)).save(tmp_path / "0.png")
-    Image.fromarray(np.full((8, 8, 4), (1, 2, 3, 0), np.uint8)).save(tmp_path / "1.png")
-    x = data.load_split("folder", "train", tmp_path, 8)
-    np.testing.assert_array_equal(x[:, 0, 0], [[77, 77, 77], [1, 2, 3]])
-
-
 def test_folder_cache_is_keyed_by_its_files_not_its_path(tmp_path, monkeypatch):
-    """The same files elsewhere (a copy keeping the mtimes, a symlink, the folder moved) are the
-    same data: the same cache, nothing decoded again. A file changed to the same size (another
-    mtime), one renamed, one added: each makes a new cache, none pruned."""
+    """The same files elsewhere (a copy keeping mtimes, a symlink, the folder moved): the same
+    cache, nothing decoded. A file changed (same size), renamed or added: a new cache each."""
     imgs, moved = tmp_path / "imgs", tmp_path / "moved"
     make_folder(imgs, NESTED)
     first = data.load_split("folder", "test", imgs, 15)
@@ -1320,6 +1187,7 @@ def test_each_resize_mode_is_its_pil_filter_and_default_bilinear(tmp_path, mode,
 
 
 def test_undecodable_image_is_named_and_no_cache_is_left(tmp_path):
+    """An undecodable file is named, no cache left; grey and RGBA files become RGB."""
     make_folder(tmp_path / "imgs", NESTED)
     (tmp_path / "imgs" / "c" / "1.png").write_bytes(b"\x89PNG but not really")
     with pytest.raises(data.DataError, match=r"cannot decode image .*c.1\.png"):
@@ -1328,16 +1196,18 @@ def test_undecodable_image_is_named_and_no_cache_is_left(tmp_path):
     make_folder(tmp_path / "imgs", NESTED)  # repaired: the next call prepares a good cache
     x = data.load_split("folder", "train", tmp_path / "imgs", 15)
     np.testing.assert_array_equal(x, colours([0, 1, 2, 3, 4, 5, 6, 7, 8, 10, 11]))
+    save_png(str(tmp_path / "modes" / "0.png"), np.full((8, 8), 77, np.uint8))  # grey
+    save_png(str(tmp_path / "modes" / "1.png"), np.full((8, 8, 4), (1, 2, 3, 0), np.uint8))
+    x = data.load_split("folder", "train", tmp_path / "modes", 8)
+    np.testing.assert_array_equal(x[:, 0, 0], [[77, 77, 77], [1, 2, 3]])
 
 
 # === data.py: the JPEG round trip (CIFAR-10, CelebA, folders) ====================================
 @pytest.mark.parametrize("dataset", ["cifar10", "celeba", "folder"])
 def test_jpeg_round_trip_comes_after_crop_and_resize(tmp_path, monkeypatch, dataset):
-    """--jpeg q is the released preprocessing's imsave(.jpg) + imread (Pillow's defaults, 4:2:0;
-    the reference's quality is 75) of the final image: CIFAR-10's pixels (both splits), CelebA
-    cropped and resized to 64, a folder's centre square resized (a 40x30 file among 16x16 ones),
-    not a resize of a round-tripped file. Lossy; each quality its own cache; lossless by default,
-    and unchanged."""
+    """--jpeg q: the released preprocessing's imsave(.jpg) + imread (Pillow, 4:2:0; quality 75
+    there) of the final image, after CelebA's crop and resize or a folder's (a 40x30 file among
+    16x16 ones). Lossy; a cache per quality; lossless by default, and unchanged."""
     root = tmp_path / "data"
     if dataset == "cifar10":
         monkeypatch.setattr(data, "CIFAR_MD5", cifar_tarball(root / "cifar-10-python.tar.gz"))
@@ -1371,27 +1241,22 @@ def test_jpeg_round_trip_comes_after_crop_and_resize(tmp_path, monkeypatch, data
 
 
 # === data.py: sizes and bad input ================================================================
-@pytest.mark.parametrize("w, h, expected", [
-    (32, 32, (32, "the first image is 32x32")),
-    (30, 30, (64, "the first image is 30x30, not a square of a power-of-two side >= 4")),
-    (32, 16, (64, "the first image is 32x16, not a square of a power-of-two side >= 4")),
-])
-def test_folder_default_size_is_the_first_images(tmp_path, w, h, expected):
-    save_png(str(tmp_path / "imgs" / "a.png"), np.zeros((h, w, 3), np.uint8))
-    save_png(str(tmp_path / "imgs" / "b" / "0.png"), np.zeros((8, 8, 3), np.uint8))  # not first
-    assert data.choose_img_size("folder", tmp_path / "imgs") == expected
-
-
-def test_default_sizes_and_load_split_follows_a_folders_first_image(tmp_path):
-    """The paper's sizes: CIFAR-10's 32 and CelebA's 64; a folder's load_split takes its first
-    image's side (not 64), and follows a new first image."""
+def test_default_sizes_are_the_papers_or_a_folders_first_images(tmp_path):
+    """The paper's sizes: CIFAR-10's 32, CelebA's 64; a folder's first image's side if it is a
+    square power of two >= 4, else 64; load_split takes it, and follows a new first image."""
     assert data.choose_img_size("cifar10") == (32, "CIFAR-10's only size")
     assert data.choose_img_size("celeba", "anywhere") == (64, "the paper's size")
+    for w, h, side in ((32, 32, 32), (30, 30, 64), (32, 16, 64)):
+        save_png(str(tmp_path / f"{w}x{h}" / "a.png"), np.zeros((h, w, 3), np.uint8))
+        save_png(str(tmp_path / f"{w}x{h}" / "b" / "0.png"), np.zeros((8, 8, 3), np.uint8))
+        why = "" if side == w else ", not a square of a power-of-two side >= 4"
+        assert data.choose_img_size("folder", tmp_path / f"{w}x{h}") == (
+            side, f"the first image is {w}x{h}{why}")
     for k in range(3):
-        save_png(str(tmp_path / f"b{k}.png"), np.full((8, 8, 3), k, np.uint8))
-    assert data.load_split("folder", "train", tmp_path).shape == (3, 8, 8, 3)  # not 64
-    save_png(str(tmp_path / "a.png"), np.full((16, 16, 3), 3, np.uint8))  # the new first
-    assert data.load_split("folder", "train", tmp_path).shape == (4, 16, 16, 3)
+        save_png(str(tmp_path / "8" / f"b{k}.png"), np.full((8, 8, 3), k, np.uint8))
+    assert data.load_split("folder", "train", tmp_path / "8").shape == (3, 8, 8, 3)  # not 64
+    save_png(str(tmp_path / "8" / "a.png"), np.full((16, 16, 3), 3, np.uint8))  # the new first
+    assert data.load_split("folder", "train", tmp_path / "8").shape == (4, 16, 16, 3)
 
 
 @pytest.mark.parametrize("setup, call, message", [
@@ -1400,6 +1265,9 @@ def test_default_sizes_and_load_split_follows_a_folders_first_image(tmp_path):
      "could not download {url} .*; put it at {tmp}/cifar-10-python.tar.gz"),  # offline
     ("no download", ("cifar10", "train", "{tmp}"),
      "{tmp}/cifar-10-python.tar.gz not found; download {url} and put it there"),
+    *[(gadget, ("cifar10", "test", "{tmp}"),  # a batch that would run code: refused, unrun
+       r"no CIFAR-10 batch holds (posix|io)\.(system|open); get {url}")
+      for gadget in ("os.system", "builtins.open")],
     ("tarball by hand", ("cifar10", "train", "{tmp}"),  # a truncated copy
      "{tmp}/cifar-10-python.tar.gz has MD5 {md5}, not {official}: put the official {url} .*"
      "or use --dataset folder"),
@@ -1413,14 +1281,21 @@ def test_default_sizes_and_load_split_follows_a_folders_first_image(tmp_path):
     ("celeba", ("celeba", "train", "{tmp}"), "found 5 of CelebA's 202,599 images"),
 ])
 def test_bad_input_gives_clear_error(tmp_path, monkeypatch, setup, call, message):
-    """One line naming the problem, the path and what to do; nothing left behind: no cache, no
-    partial download, a tarball put there by hand kept (not ours to delete)."""
+    """One line naming the problem, the path and what to do; nothing left behind (no cache, no
+    partial download, no file a tampered batch would write); a tarball put there by hand kept
+    (not ours to delete)."""
     if setup == "one image":
         make_folder(tmp_path, ["0.png"])
     elif setup == "celeba":
         make_celeba(tmp_path)
     elif setup == "tarball by hand":
         (tmp_path / "cifar-10-python.tar.gz").write_bytes(b"truncated")
+    elif setup in ("os.system", "builtins.open"):  # a tampered tarball, its MD5 official
+        marker = tmp_path / "ran"
+        evil = (Gadget(os.system, f"touch {marker}") if setup == "os.system"
+                else Gadget(builtins.open, str(marker), "w"))
+        md5 = cifar_tarball(tmp_path / "cifar-10-python.tar.gz", replace={"test_batch": evil})
+        monkeypatch.setattr(data, "CIFAR_MD5", md5)
     elif setup == "no download":  # not even tried
         monkeypatch.setattr(data.urllib.request, "urlopen", lambda *a, **k: pytest.fail("fetched"))
     before = files_under(tmp_path)
@@ -1433,23 +1308,7 @@ def test_bad_input_gives_clear_error(tmp_path, monkeypatch, setup, call, message
     assert files_under(tmp_path) == before and not (tmp_path / "cache").exists()
 
 
-# === data.py: batches, subsets, stage-2 latents, uint8 ===========================================
-def test_subset_is_seeded_spread_sorted_and_checked():
-    """1000 'images' sorted by class (100 per class), as a class-folder tree lists them."""
-    images = np.arange(1000)[:, None]
-    ids = data.subset(images, 100, seed=3)[:, 0]
-    expected = np.sort(np.random.default_rng(3).choice(1000, 100, replace=False))
-    np.testing.assert_array_equal(ids, expected)  # the documented draw, so resumes agree
-    assert (np.diff(ids) > 0).all() and set(ids // 100) == set(range(10))  # every class
-    np.testing.assert_array_equal(data.subset(images, 100, seed=3)[:, 0], ids)
-    assert not np.array_equal(data.subset(images, 100, seed=4)[:, 0], ids)
-    assert data.subset(images, None, seed=3) is images
-    np.testing.assert_array_equal(data.subset(images, 1000, seed=3), images)
-    for bad in (0, 1001):
-        with pytest.raises(data.DataError, match=f"--limit {bad} is not between 1 and 1000"):
-            data.subset(images, bad, seed=3)
-
-
+# === data.py: batches, subsets, uint8, progress, atomic writes ==================================
 IMAGES = np.random.default_rng(0).integers(0, 256, (10, 4, 5, 3), dtype=np.uint8)
 IMAGES[:, 0, 0, 0] = np.arange(10)  # each image's id
 
@@ -1460,8 +1319,7 @@ def ids(batch):
 
 @pytest.mark.parametrize("drop_last, sizes", [(True, [3, 3, 3]), (False, [3, 3, 3, 1])])
 def test_batches_cover_each_image_once_exactly(drop_last, sizes):
-    """Each epoch every image once, in batches of 3 (the last short one dropped or kept), as
-    float32 channels-last in [0, 1]; too few images for one batch (or none) are refused."""
+    """Each image once an epoch, float32 channels-last in [0, 1]; too few for a batch refused."""
     b = data.Batches(IMAGES, 3, drop_last=drop_last)
     assert len(b) == len(sizes)
     for e in range(3):
@@ -1479,7 +1337,23 @@ def test_batches_cover_each_image_once_exactly(drop_last, sizes):
         data.Batches(IMAGES[:n], 11, drop_last=drop_last)
 
 
-def test_batches_order_depends_only_on_seed_and_epoch():
+def test_subset_and_batch_order_depend_only_on_the_seed(tmp_path):
+    """--limit's subset and each epoch's order are drawn from (seed, epoch) as documented, so
+    resumes agree; the subset, of 1000 'images' sorted by class (100 each, as a class-folder
+    tree lists them), is spread over the classes, kept in order, and checked."""
+    images = np.arange(1000)[:, None]
+    got = data.subset(images, 100, seed=3)[:, 0]
+    expected = np.sort(np.random.default_rng(3).choice(1000, 100, replace=False))
+    np.testing.assert_array_equal(got, expected)  # the documented draw, so resumes agree
+    assert (np.diff(got) > 0).all() and set(got // 100) == set(range(10))  # every class
+    np.testing.assert_array_equal(data.subset(images, 100, seed=3)[:, 0], got)
+    assert not np.array_equal(data.subset(images, 100, seed=4)[:, 0], got)
+    assert data.subset(images, None, seed=3) is images
+    np.testing.assert_array_equal(data.subset(images, 1000, seed=3), images)
+    for bad in (0, 1001):
+        with pytest.raises(data.DataError, match=f"--limit {bad} is not between 1 and 1000"):
+            data.subset(images, bad, seed=3)
+
     def order(e, seed=0, shuffle=True):
         batches = data.Batches(IMAGES, 5, seed=seed, shuffle=shuffle).epoch(e)
         return sum((ids(x) for x in batches), [])
@@ -1490,34 +1364,11 @@ def test_batches_order_depends_only_on_seed_and_epoch():
     g = torch.Generator().manual_seed(7 * 1_000_003 + 2)
     assert order(2, seed=7) == torch.randperm(10, generator=g).tolist()
     assert order(0, shuffle=False) == list(range(10))
-
-
-def test_batches_from_read_only_memmap_without_warning(tmp_path):
-    np.save(tmp_path / "x.npy", IMAGES)
+    np.save(tmp_path / "x.npy", IMAGES)  # from a read-only memmap, without a warning
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         b = data.Batches(np.load(tmp_path / "x.npy", mmap_mode="r"), 10, shuffle=False)
     assert torch.equal(b.x, torch.from_numpy(IMAGES))
-
-
-def test_stage2_trains_on_fresh_latents_each_epoch():
-    """z = mu + sigma * eps with new eps every epoch (Dai & Wipf), each row once per epoch, in
-    whole batches only."""
-    mu = torch.arange(40.0).reshape(20, 2)
-    images = np.arange(20, dtype=np.uint8)[:, None, None, None].repeat(3, 3)  # image i holds i
-    m1 = types.SimpleNamespace(encode=lambda x: (mu[(x[:, 0, 0, 0] * 255).round().long()],
-                                                 torch.full((len(x), 2), math.log(0.01))))
-    epoch, todo = data.latent_batches(m1, images, 5, 0, torch.device("cpu"))
-    epochs = [torch.cat(list(epoch(e))) for e in (0, 1)]
-    assert todo == 20
-    for z in epochs:
-        order = z[:, 0].round().long() // 2  # which row of mu each sample came from
-        assert sorted(order.tolist()) == list(range(20))
-        assert (z - mu[order]).abs().max() < 0.06  # sigma 0.01
-    noise = [z - mu[z[:, 0].round().long() // 2] for z in epochs]
-    assert not torch.allclose(*[e[e[:, 1].argsort()] for e in noise])
-    epoch, todo = data.latent_batches(m1, images[:17], 5, 0, torch.device("cpu"))
-    assert todo == 15 and [len(b) for b in epoch(0)] == [5, 5, 5]  # 17 rows: 3 whole batches
 
 
 def test_to_uint8_inverts_batches_and_rounds():
@@ -1540,11 +1391,9 @@ def test_to_uint8_saturates_instead_of_wrapping():
     assert data.to_uint8(x).ravel().tolist() == [0, 255, 255, 128, 0, 255]
 
 
-# === data.py: progress and atomic writes =========================================================
 @pytest.mark.parametrize("leave", [True, False])
 def test_progress_draws_the_final_count_then_ends_or_wipes_the_line(capsys, monkeypatch, leave):
-    """The final count is drawn, then the line ends or is wiped; redrawn at most 4 times a
-    second; nothing at all for nothing."""
+    """The final count drawn, the line ended or wiped; at most 4 redraws a second."""
     items = [[1, 2], [3], [4, 5, 6]]
     assert list(data.progress(iter(items), 6, "x", "cats", leave=leave)) == items
     m = re.search(r"\r(x 6/6 cats, \d+ cats/s, ETA 0:00 *)(\n|\r( +)\r)$", capsys.readouterr().err)
@@ -1557,30 +1406,24 @@ def test_progress_draws_the_final_count_then_ends_or_wipes_the_line(capsys, monk
     assert list(data.progress([], 0, "x")) == [] and capsys.readouterr().err == ""
 
 
-@pytest.mark.parametrize("fail", [False, True])
-def test_atomic_write_replaces_whole_or_keeps_old(tmp_path, fail):
+def test_atomic_write_replaces_whole_or_keeps_old(tmp_path):
+    """A write cut short (Ctrl-C) keeps the old file; no temporary file is left either way."""
     path = tmp_path / "x.npy"
     path.write_bytes(b"old")
 
-    def write(f):
+    def write(f, fail):
         f.write(b"half")
         if fail:
             raise KeyboardInterrupt
         f.write(b" and whole")
-    if fail:
-        with pytest.raises(KeyboardInterrupt):
-            data.atomic_write(path, write)
-    else:
-        data.atomic_write(path, write)
-    assert files_under(tmp_path) == ["x.npy"]  # no temporary file left either way
-    assert path.read_bytes() == (b"old" if fail else b"half and whole")
+    with pytest.raises(KeyboardInterrupt):
+        data.atomic_write(path, lambda f: write(f, True))
+    assert files_under(tmp_path) == ["x.npy"] and path.read_bytes() == b"old"
+    data.atomic_write(path, lambda f: write(f, False))
+    assert files_under(tmp_path) == ["x.npy"] and path.read_bytes() == b"half and whole"
 
 
 # === fid.py: Frechet distance ====================================================================
-TESTDATA = pathlib.Path(fid.__file__).resolve().parent / "testdata"
-EPS = np.finfo(np.float64).eps
-
-
 def spd(rng, d, n=None):
     """A covariance: from n samples (singular when n <= d), else well conditioned."""
     x = rng.standard_normal((n or 3 * d, d)) @ rng.standard_normal((d, d))
@@ -1592,11 +1435,7 @@ def root_tol(d, lmax):
     backward-stable eigensolver moves each eigenvalue by ~eps * lmax at most (Weyl), which moves
     its root by at most sqrt(eps * lmax) (the worst case: an eigenvalue at 0, as the N < d
     round-off ones are). It follows from the conditioning, not from one machine's round-off."""
-    return d * np.sqrt(EPS * lmax)
-
-
-def lmax(s1, s2):  # |s1 s2|_2 <= |s1|_2 |s2|_2
-    return np.linalg.eigvalsh(s1)[-1] * np.linalg.eigvalsh(s2)[-1]
+    return d * np.sqrt(np.finfo(np.float64).eps * lmax)
 
 
 def fid_of_features(x, y):
@@ -1637,7 +1476,8 @@ def _closed_form_cases():
 def test_frechet_distance_closed_forms(case):
     """|mu1 - mu2|^2 + tr(s1) + tr(s2) - 2 tr sqrtm(s1 s2) (Heusel et al. 2017, pytorch-fid)."""
     mu1, s1, mu2, s2, expected = _closed_form_cases()[case]
-    tol = 2 * root_tol(len(s1), lmax(s1, s2))  # the FID holds -2 tr sqrtm(s1 s2)
+    lmax = np.linalg.eigvalsh(s1)[-1] * np.linalg.eigvalsh(s2)[-1]  # |s1 s2| <= |s1| |s2|
+    tol = 2 * root_tol(len(s1), lmax)  # the FID holds -2 tr sqrtm(s1 s2)
     assert fid.frechet_distance(mu1, s1, mu2, s2) == pytest.approx(expected, rel=0, abs=tol)
 
 
@@ -1652,7 +1492,7 @@ def test_frechet_distance_matches_sqrtm_and_is_symmetric(n):
     expected = np.sum((mu1 - mu2) ** 2) + np.trace(s1) + np.trace(s2) - 2 * np.trace(
         scipy.linalg.sqrtm(s1 @ s2)).real
     got = fid.frechet_distance(mu1, s1, mu2, s2)
-    tol = 4 * root_tol(64, lmax(s1, s2))
+    tol = 4 * root_tol(64, np.linalg.eigvalsh(s1)[-1] * np.linalg.eigvalsh(s2)[-1])
     assert np.isfinite(got) and got == pytest.approx(expected, rel=0, abs=tol)
     assert fid.frechet_distance(mu2, s2, mu1, s1) == pytest.approx(got, rel=0, abs=tol)
 
@@ -1673,19 +1513,16 @@ def test_frechet_distance_of_rank_deficient_inception_like_statistics():
 
 
 # === fid.py: Inception v3 and its weights ========================================================
-@functools.cache
-def manifest():
-    """torchvision's Inception3(aux_logits=True) state-dict names and shapes, dumped with it."""
-    return json.loads((TESTDATA / "inception_manifest.json").read_text())
-
-
 @pytest.fixture(scope="module")
-def reference():
-    """testdata/inception_features.npz and its meta, read when a test needs them, not on import:
-    testdata/make_testdata.py imports fixture_state from this module to write the file."""
-    with np.load(TESTDATA / "inception_features.npz") as f:
+def testdata():
+    """testdata/: the features (inception_features.npz), their meta, and torchvision's
+    Inception3(aux_logits=True) names and shapes; read when a test needs them, not on import
+    (testdata/make_testdata.py imports fixture_state from this module to write the file)."""
+    root = pathlib.Path(fid.__file__).resolve().parent / "testdata"
+    with np.load(root / "inception_features.npz") as f:
         ref = dict(f)
-    return ref, json.loads(str(ref["meta"]))
+    manifest = json.loads((root / "inception_manifest.json").read_text())
+    return ref, json.loads(str(ref["meta"])), manifest
 
 
 def meta_inception(variant="torchvision"):
@@ -1714,19 +1551,17 @@ def fixture_state(seed):
 
 
 @pytest.fixture(scope="module")
-def weights(tmp_path_factory, reference):
-    """The fixture's weights as a torchvision-style file, with the manifest's classifier heads
-    (1000 classes) that loading must ignore."""
+def weights(tmp_path_factory, testdata):
+    """fixture_state as a torchvision file, with classifier heads that loading must ignore."""
     path = tmp_path_factory.mktemp("weights") / "random_inception.pth"
-    heads = {k: torch.randn(shape) for k, shape in manifest().items()
-             if k.startswith(fid.IGNORED)}
-    state = {**fixture_state(reference[1]["seed"]), **heads}
+    heads = {k: torch.randn(shape) for k, shape in testdata[2].items() if k.startswith(fid.IGNORED)}
+    state = {**fixture_state(testdata[1]["seed"]), **heads}
     torch.save(state, path)
     return path, state
 
 
 @pytest.mark.parametrize("variant", ["torchvision", "tf"])
-def test_features_match_torchvision_and_pytorch_fid(weights, reference, variant):
+def test_features_match_torchvision_and_pytorch_fid(weights, testdata, variant):
     """Pool features of 3 random 32x32 images (default_rng(7)) under fixed random weights
     (fixture_state(20200)), against torchvision's Inception3 and pytorch-fid's FID Inception (the
     TF graph's port): testdata/inception_features.npz (4.8 KB) keeps features 0, 16, ..., 2032 of
@@ -1739,7 +1574,7 @@ def test_features_match_torchvision_and_pytorch_fid(weights, reference, variant)
     CPU, 1 and 2 threads; our net folds batch norm and runs channels-last): at most 3.5e-6 x rms.
     One-line changes fail it by far more: input in [0, 1] instead of [-1, 1], a resize to 298,
     align_corners=True, any of the four TF pools reverted to torchvision's."""
-    ref, meta = reference
+    ref, meta, _ = testdata
     assert meta["seed"] == 20200 and meta["image_seed"] == 7
     net = meta_inception(variant).to_empty(device="cpu")
     fid.load_weights(net, {k: v for k, v in weights[1].items() if not k.startswith(fid.IGNORED)},
@@ -1756,17 +1591,21 @@ def test_features_match_torchvision_and_pytorch_fid(weights, reference, variant)
     assert np.all(np.abs(got.sum(1) - ref[f"{variant}_sum"]) <= tol * 2048)
 
 
-@pytest.mark.parametrize("variant,classes", [("torchvision", 1000), ("tf", 1008)])
-def test_weights_load_by_torchvisions_names_and_classifier_heads_are_ignored(weights, tmp_path,
-                                                                             variant, classes):
-    """Both weight files use torchvision's Inception3 names and shapes (the manifest, dumped
-    with torchvision), with a 1000- or 1008-way classifier that FID ignores; the file of the
-    other variant is refused by its classifier's size."""
-    want = {k: s for k, s in manifest().items() if not k.startswith(("AuxLogits.", "fc."))}
-    assert len(want) == len(manifest()) - 16
+@pytest.mark.parametrize("variant, url, classes", [
+    ("torchvision", "https://download.pytorch.org/models/inception_v3_google-0cc3c7bd.pth", 1000),
+    ("tf", "https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
+           "pt_inception-2015-12-05-6726825d.pth", 1008),
+])
+def test_weights_load_from_a_file_or_the_published_url(weights, testdata, tmp_path,
+                                                       monkeypatch, variant, url, classes):
+    """Both files have torchvision's names and shapes (the manifest) and a 1000- or 1008-way
+    classifier, ignored but telling the variants apart. The download: the URL torchvision or
+    pytorch-fid publishes, hash-checked (its 8 hex digits), weights_only (no code run)."""
+    manifest = testdata[2]
+    want = {k: s for k, s in manifest.items() if not k.startswith(("AuxLogits.", "fc."))}
+    assert len(want) == len(manifest) - 16
     assert {k: list(v.shape) for k, v in meta_inception(variant).state_dict().items()} == want
-    state = {**weights[1], "fc.weight": torch.zeros(classes, 2048),
-             "fc.bias": torch.zeros(classes)}
+    state = {**weights[1], "fc.weight": torch.zeros(classes, 2048), "fc.bias": torch.zeros(classes)}
     torch.save(state, tmp_path / "w.pth")
     net = fid.load_inception(variant, weights_path=tmp_path / "w.pth", device="cpu")
     assert net.variant == variant and not net.training
@@ -1776,78 +1615,65 @@ def test_weights_load_by_torchvisions_names_and_classifier_heads_are_ignored(wei
     other = "tf" if variant == "torchvision" else "torchvision"  # the file under the wrong flag
     with pytest.raises(DataError, match=f"fc has {classes} classes, not {2008 - classes}"):
         fid.load_inception(other, weights_path=tmp_path / "w.pth", device="cpu")
+    calls = []
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url",
+                        lambda *args, **kwargs: calls.append((args, kwargs)) or state)
+    assert fid.load_inception(variant, device="cpu").variant == variant
+    assert calls == [((url,), dict(map_location="cpu", check_hash=True, weights_only=True))]
 
 
 KEY = "Mixed_6b.branch7x7_2.conv.weight"
 
 
-@pytest.mark.parametrize("damage, expect", [  # load_state_dict's own diagnosis, on one line
-    (lambda s: s.pop(KEY), f'Missing key(s) in state_dict: "{KEY}"'),
-    (lambda s: s.update({"Mixed_6b.extra.weight": torch.zeros(1)}),
-     'Unexpected key(s) in state_dict: "Mixed_6b.extra.weight"'),
-    (lambda s: s.update({KEY: torch.zeros(128, 128, 7, 1)}),
-     f"size mismatch for {KEY}: copying a param with shape torch.Size([128, 128, 7, 1]) from "
-     "checkpoint, the shape in current model is torch.Size([128, 128, 1, 7])"),
-], ids=["missing", "stray", "wrong shape"])
-def test_weights_file_refused(weights, tmp_path, damage, expect):
-    state = dict(weights[1])
-    damage(state)
-    torch.save(state, tmp_path / "w.pth")
-    with pytest.raises(DataError) as e:
-        fid.load_inception("torchvision", weights_path=tmp_path / "w.pth", device="cpu")
-    assert expect in str(e.value) and fid.URLS["torchvision"] in str(e.value)
-    assert "\n" not in str(e.value)
+def damaged(change):
+    """Writes the fixture's weights, without the classifier and changed, to p."""
+    def write(p, state):
+        state = {k: v for k, v in state.items() if not k.startswith("fc.")}
+        change(state)
+        torch.save(state, p)
+    return write
 
 
-@pytest.mark.parametrize("write, reason", [
-    (lambda p: p.write_bytes(b"not a checkpoint"), "not weights"),
-    (lambda p: p.write_bytes(b""), "not weights"),
-    (lambda p: p.write_bytes(b"U"), "index out of range"),
-    (lambda p: p.write_bytes(b"X"), "unpack requires a buffer of 4 bytes"),
-    (lambda p: torch.save(nn.Linear(2, 2), p), "not weights"),  # code, not just tensors
-    (lambda p: None, "[Errno 2] No such file"),
-    (None, "<urlopen error no network>"),  # no file given: the download, offline
-], ids=["text", "empty", "IndexError", "struct.error", "pickled module", "missing", "offline"])
-def test_unusable_weights_are_refused_in_one_line(tmp_path, monkeypatch, write, reason):
+@pytest.mark.parametrize("write, start", [
+    (lambda p, s: p.write_bytes(b"not a checkpoint"), "cannot load {path} (not weights"),
+    (lambda p, s: p.write_bytes(b""), "cannot load {path} (not weights"),
+    (lambda p, s: p.write_bytes(b"U"), "cannot load {path} (index out of range"),
+    (lambda p, s: p.write_bytes(b"X"), "cannot load {path} (unpack requires a buffer of 4 bytes"),
+    (lambda p, s: torch.save(nn.Linear(2, 2), p), "cannot load {path} (not weights"),  # code
+    (lambda p, s: None, "cannot load {path} ([Errno 2] No such file"),
+    (None, "cannot load {url} (<urlopen error no network>"),  # no file given: the download
+    # a state dict of other names or shapes: load_state_dict's own diagnosis, on one line
+    (damaged(lambda s: s.pop(KEY)), f'these are not the tf Inception v3 weights (Missing '
+                                    f'key(s) in state_dict: "{KEY}"'),
+    (damaged(lambda s: s.update({"Mixed_6b.extra.weight": torch.zeros(1)})),
+     'these are not the tf Inception v3 weights (Unexpected key(s) in state_dict: '
+     '"Mixed_6b.extra.weight"'),
+    (damaged(lambda s: s.update({KEY: torch.zeros(128, 128, 7, 1)})),
+     f"these are not the tf Inception v3 weights (size mismatch for {KEY}: copying a param "
+     "with shape torch.Size([128, 128, 7, 1]) from checkpoint, the shape in current model is "
+     "torch.Size([128, 128, 1, 7])"),
+], ids=["text", "empty", "IndexError", "struct.error", "pickled module", "missing", "offline",
+        "missing key", "stray key", "wrong shape"])
+def test_unusable_weights_are_refused_in_one_line(weights, tmp_path, monkeypatch, write, start):
     """torch.load's own message for a file of other objects advises "weights_only=False", which
     would run the file's code: never passed on. Junk makes it raise anything (the one-byte files
-    an IndexError and a struct.error). Each message names the URL and --inception-weights."""
+    an IndexError and a struct.error). Each message names the URL of the right file."""
     monkeypatch.setattr(torch.hub, "load_state_dict_from_url", no_network)
     path = tmp_path / "w.pth" if write else None
     if write:
-        write(path)
+        write(path, weights[1])
     with pytest.raises(DataError) as e:
         fid.load_inception("tf", weights_path=path, device="cpu")
     message = str(e.value)
-    assert message.startswith(f"cannot load {path or fid.URLS['tf']} ({reason}")
-    assert fid.URLS["tf"] in message and message.endswith(" --inception-weights PATH")
+    assert message.startswith(start.format(path=path, url=fid.URLS["tf"])), message
+    assert fid.URLS["tf"] in message and "--inception-weights" in message
     assert "\n" not in message and "weights_only" not in message
-
-
-@pytest.mark.parametrize("variant, url, classes", [
-    ("torchvision", "https://download.pytorch.org/models/inception_v3_google-0cc3c7bd.pth", 1000),
-    ("tf", "https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
-           "pt_inception-2015-12-05-6726825d.pth", 1008),
-])
-def test_download_is_the_published_file_hash_checked_and_weights_only(weights, monkeypatch,
-                                                                      variant, url, classes):
-    """The URLs torchvision and pytorch-fid publish; the name's 8 hex digits are the SHA-256
-    prefix that check_hash verifies, and weights_only keeps a tampered file from running code."""
-    calls = []
-
-    def hub(*args, **kwargs):
-        calls.append((args, kwargs))
-        return {**weights[1], "fc.weight": torch.zeros(classes, 2048)}
-    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", hub)
-    assert fid.load_inception(variant, device="cpu").variant == variant
-    assert calls == [((url,), dict(map_location="cpu", check_hash=True, weights_only=True))]
 
 
 @pytest.mark.parametrize("variant", ["torchvision", "tf"])
 def test_each_block_pools_as_its_variant(variant):
-    """The TF graph's pools (pytorch-fid's patches) in A, C and the first E blocks average
-    without the padding, Mixed_7c's max-pools; the grid reductions' stride-2 max pool (Mixed_6a,
-    Mixed_7a) in both. Pools' values by hand: the corner of a 3x3 pool over a 2x2 image."""
+    """The TF graph (pytorch-fid's patches): A, C and the first E blocks average without the
+    padding, Mixed_7c max-pools; by hand, the corner of a 3x3 pool over a 2x2 image."""
     corner = lambda pool: pool(torch.tensor([[[[1.0, 2.0], [3.0, 4.0]]]]))[0, 0, 0, 0].item()
     assert corner(fid.avg_pool) == pytest.approx((1 + 2 + 3 + 4) / 9)  # 5 padding zeros count
     assert corner(fid.tf_avg_pool) == pytest.approx((1 + 2 + 3 + 4) / 4)  # they do not (TF)
@@ -1863,14 +1689,13 @@ def test_each_block_pools_as_its_variant(variant):
     assert got == want
 
 
-# === fid.py: features and statistics =============================================================
+# === fid.py: features, statistics and their files ================================================
 def images(n, size=8, seed=0):
     return np.random.default_rng(seed).integers(0, 256, (n, size, size, 3), dtype=np.uint8)
 
 
 class Pixels(nn.Module):
-    """Stand-in for the network: its features are the first 6 input values (+ offset), float32;
-    it records its batch sizes."""
+    """A stand-in network: the first 6 input values (+ offset) as float32 features."""
 
     def __init__(self, offset=0.0):
         super().__init__()
@@ -1889,10 +1714,10 @@ def pixel_features(u8_nchw, offset=0.0):
 
 
 def test_statistics_are_float64_mean_over_images_and_covariance_over_n_minus_1(capsys):
-    """pytorch-fid's statistics: float64 mean and np.cov (N - 1). Features near 1000 with a
-    spread of ~0.3: float32 arithmetic would be off by ~6e-5 in the mean; float64's round-off is
-    ~1e-13. Batches of 3, 3, 1: a mean of batch means would differ. A stream of batches with
-    their total gives the same."""
+    """pytorch-fid's float64 mean and np.cov (N - 1). Features near 1000 with a spread of ~0.3:
+    float32 would be off by ~6e-5 in the mean, float64 by ~1e-13. Batches of 3, 3, 1: a mean of
+    batch means would differ. FID depends on N (the released code's 10,000): with fewer images
+    than features the covariance is singular, and a warning says so."""
     x = images(7, size=4, seed=3)
     mu, sigma = fid.feature_stats(Pixels(1000.0), x, batch_size=3, desc="FID real")
     assert "FID real 7/7 images" in capsys.readouterr().err  # progress, with the total
@@ -1905,17 +1730,12 @@ def test_statistics_are_float64_mean_over_images_and_covariance_over_n_minus_1(c
                                  desc="gen", total=7)
     assert "gen 7/7 images" in capsys.readouterr().err
     assert all(np.array_equal(a, b) for a, b in zip((mu, sigma), streamed))
-
-
-@pytest.mark.parametrize("n", [5, 6])  # Pixels has 6 features; the network 2048
-def test_warning_below_as_many_images_as_features(capsys, n):
-    """FID depends on N (compare at equal N; the released code's 10,000): below as many images
-    as features the covariance is singular, and a warning says so."""
-    fid.feature_stats(Pixels(), images(n, size=4), desc="FID real")
-    warned = re.findall("^warning: .*", capsys.readouterr().err, re.M)
-    assert warned == (["warning: FID real: 5 images < 6 features, so the covariance is singular "
-                       "and the FID biased up: compare only at equal N (the paper's 10,000)"]
-                      if n == 5 else [])
+    for n in (5, 6):  # Pixels has 6 features; the network 2048
+        fid.feature_stats(Pixels(), images(n, size=4), desc="FID real")
+        warned = re.findall("^warning: .*", capsys.readouterr().err, re.M)
+        assert warned == (["warning: FID real: 5 images < 6 features, so the covariance is "
+                           "singular and the FID biased up: compare only at equal N (the "
+                           "paper's 10,000)"] if n == 5 else [])
 
 
 @pytest.mark.parametrize("before", [True, False])
@@ -1933,20 +1753,16 @@ def test_features_are_computed_without_tf32_and_the_settings_restored(before):
     try:
         for f in flags:
             f.allow_tf32 = before
-        net = Recording()
-        fid.feature_stats(net, images(3))
-        assert len(seen) == 1 and seen[0] == [False, False]
-        assert [f.allow_tf32 for f in flags] == [before] * 2
+        fid.feature_stats(Recording(), images(3))
+        assert seen == [[False, False]] and [f.allow_tf32 for f in flags] == [before] * 2
         with pytest.raises(TypeError):  # restored after an error too
-            fid.feature_stats(net, [images(2), np.array(["junk"])])
-        assert len(seen) == 2 and seen[1] == [False, False]
-        assert [f.allow_tf32 for f in flags] == [before] * 2
+            fid.feature_stats(Recording(), [images(2), np.array(["junk"])])
+        assert seen == [[False, False]] * 2 and [f.allow_tf32 for f in flags] == [before] * 2
     finally:
         for f, value in zip(flags, saved):
             f.allow_tf32 = value
 
 
-# === fid.py: statistics files, the cache =========================================================
 def test_stats_cache_miss_computes_and_saves_then_hit_reads(tmp_path):
     """A miss computes and saves (mu, sigma) only, a hit reads them back; saving is atomic."""
     calls = []
@@ -1954,7 +1770,6 @@ def test_stats_cache_miss_computes_and_saves_then_hit_reads(tmp_path):
     def compute():
         calls.append(1)
         return np.arange(3.0), np.eye(3)
-
     path = tmp_path / "stats.npz"
     first = fid.cached_stats(path, compute)  # miss: computed and saved
     with np.load(path) as f:  # mu and sigma only
@@ -1974,26 +1789,22 @@ def test_stats_cache_miss_computes_and_saves_then_hit_reads(tmp_path):
 
 
 # === fid.py: command line ========================================================================
-def write_folder(path, x):
+def write_folder(path, x, extra={}):
+    """x as PNG files 00.png, 01.png, ... in path, then `extra` files: {name: bytes or image}."""
     path.mkdir()
     for i, img in enumerate(x):
         Image.fromarray(img).save(path / f"{i:02d}.png")
+    for name, v in extra.items():
+        if isinstance(v, bytes):
+            (path / name).write_bytes(v)
+        else:
+            Image.fromarray(v).save(path / name)
     return str(path)
-
-
-def test_cli_prints_the_fid_of_two_statistics_files(tmp_path, capsys):
-    """Statistics files as pytorch-fid writes them (mu, sigma): no network is loaded. By hand:
-    |(1, 0)|^2 + (4 + 1) + 2 - 2 (sqrt(4 * 1) + sqrt(1 * 1)) = 2."""
-    np.savez(tmp_path / "a.npz", mu=np.array([1.0, 0.0]), sigma=np.diag([4.0, 1.0]))
-    np.savez(tmp_path / "b.npz", mu=np.zeros(2), sigma=np.eye(2))
-    assert fid.main([str(tmp_path / "a.npz"), str(tmp_path / "b.npz")]) == 0
-    assert capsys.readouterr() == ("2.000000\n", "")
 
 
 def test_cli_computes_statistics_with_its_network_options(tmp_path, monkeypatch, capsys):
     """--inception, --inception-weights and --device reach load_inception, --batch-size the
-    reads; a folder's statistics are the (stand-in) network's features, by hand: saved with
-    --save-stats, or compared with another input (here that file), the FID printed."""
+    reads; a folder's statistics are saved (--save-stats) or compared, the FID printed."""
     x, y = images(5, size=4, seed=4), images(3, size=12, seed=2)
     folder, other = write_folder(tmp_path / "x", x), write_folder(tmp_path / "y", y)
     out, loads, net = tmp_path / "x.npz", [], Pixels()
@@ -2020,18 +1831,6 @@ def test_cli_computes_statistics_with_its_network_options(tmp_path, monkeypatch,
     assert printed == "12.500000\n" and f"{other} 3/3 images" in err
 
 
-def unreadable_image(p):
-    folder = write_folder(p / "images", images(2))
-    (p / "images" / "03.png").write_bytes(b"not a png")
-    return folder
-
-
-def mixed_sizes(p):
-    folder = write_folder(p / "images", images(2))
-    Image.fromarray(images(1, size=12)[0]).save(p / "images" / "03.png")
-    return folder
-
-
 def npy_bytes(array):
     buf = io.BytesIO()
     np.save(buf, array)
@@ -2048,8 +1847,10 @@ def bad_npz(name, write):  # a statistics file that fid.load_stats refuses
 @pytest.mark.parametrize("setup, message", [
     (lambda p: write_folder(p / "one", images(1)), ".*one: 1 image; a covariance needs at least 2"),
     (lambda p: write_folder(p / "empty", images(0)), ".*empty: neither .* nor a folder of images"),
-    (unreadable_image, "cannot read the images from .*00.png on: .*03.png"),
-    (mixed_sizes, "cannot read the images from .*00.png on: .*same shape"),
+    (lambda p: write_folder(p / "images", images(2), {"03.png": b"not a png"}),
+     "cannot read the images from .*00.png on: .*03.png"),
+    (lambda p: write_folder(p / "images", images(2), {"03.png": images(1, size=12)[0]}),
+     "cannot read the images from .*00.png on: .*same shape"),
     (bad_npz("junk.npz", lambda p: p.write_bytes(b"junk")),
      r"cannot read statistics \(mu, sigma\) from .*junk.npz: .*pickle"),
     (bad_npz("mu.npz", lambda p: np.savez(p, mu=np.zeros(2))),
@@ -2063,8 +1864,7 @@ def bad_npz(name, write):  # a statistics file that fid.load_stats refuses
 ], ids=["one image", "empty folder", "unreadable image", "mixed sizes", "junk npz",
         "npz without sigma", "empty npz", "npy format npz", "npy", "missing npz"])
 def test_cli_errors(weights, tmp_path, capsys, setup, message):
-    """Each bad input (fid.load_stats' refusals among them): exit 1 with one line naming it,
-    after any progress line, and no statistics file written."""
+    """Exit 1, one line naming the bad input, no statistics file written."""
     source = setup(tmp_path)
     code = fid.main([source, "--save-stats", str(tmp_path / "s.npz"), "--inception-weights",
                      str(weights[0]), "--device", "cpu"])
@@ -2074,7 +1874,14 @@ def test_cli_errors(weights, tmp_path, capsys, setup, message):
     assert not os.path.exists(tmp_path / "s.npz")
 
 
-def test_cli_needs_two_inputs_or_save_stats_and_documents_every_argument(monkeypatch, capsys):
+def test_cli_needs_two_inputs_or_save_stats_and_documents_every_argument(tmp_path, monkeypatch,
+                                                                         capsys):
+    """Two pytorch-fid statistics files, no network: by hand |(1, 0)|^2 + (4 + 1) + 2 -
+    2 (sqrt(4 * 1) + sqrt(1 * 1)) = 2."""
+    np.savez(tmp_path / "a.npz", mu=np.array([1.0, 0.0]), sigma=np.diag([4.0, 1.0]))
+    np.savez(tmp_path / "b.npz", mu=np.zeros(2), sigma=np.eye(2))
+    assert fid.main([str(tmp_path / "a.npz"), str(tmp_path / "b.npz")]) == 0
+    assert capsys.readouterr() == ("2.000000\n", "")
     with pytest.raises(SystemExit) as e:
         fid.main(["a.npz"])
     assert e.value.code == 2 and "--save-stats OUT.npz" in capsys.readouterr().err
