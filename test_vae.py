@@ -73,6 +73,7 @@ def no_network(*args, **kwargs):
 def offline(monkeypatch, cache):
     """Any download attempt fails as without network; folder caches go to `cache`."""
     monkeypatch.setattr(data.urllib.request, "urlopen", no_network)
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", no_network)
     monkeypatch.setenv("XDG_CACHE_HOME", str(cache))
 
 
@@ -467,7 +468,7 @@ def test_a_new_run_takes_the_papers_settings_then_the_flags_given(shared, tmp_pa
 
 # === train.py: the training loop =================================================================
 def test_training_lowers_mse_and_writes_outputs(shared):
-    """Per epoch a metrics row, the mse and gamma falling, its lr (train.lr_at) in the optimizer;
+    """Per epoch a metrics row, the mse and gamma falling (Table 1), its lr (train.lr_at) used;
     the checkpoint holds the history and gamma^2; grids every --sample-every 2 epochs and the
     last, the recon grid's originals spread over the split; stage 2's rows and pictures apart."""
     out, rows = shared.out, metrics(shared.out)
@@ -736,7 +737,6 @@ def test_refusals_come_first_in_one_line_and_change_nothing(shared, tmp_path, mo
         argv = [dogs if a == "{dogs}" else a for a in argv]
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # as without a GPU
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
-    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", no_network)
     monkeypatch.setattr(data, "load_split", lambda *a, **k: pytest.fail("decoded data first"))
     monkeypatch.setattr(vae, "reconstruct", lambda *a: pytest.fail("generated images first"))
     before = files_under(out)
@@ -751,21 +751,19 @@ def test_refusals_come_first_in_one_line_and_change_nothing(shared, tmp_path, mo
     assert files_under(out) == before
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--epochs", "2.5"], "argument --epochs: invalid int value: '2.5'"),
-    (["--resize", "blurry"], "argument --resize: invalid choice: 'blurry'"),
-    (["--nonsense"], "unrecognized arguments: --nonsense"),
-])
-def test_flag_syntax_errors_are_argparses(tiny, capsys, argv, message):
-    with pytest.raises(SystemExit) as e:
-        tiny[0](*argv)
-    err = capsys.readouterr().err
-    assert e.value.code == 2 and err.startswith("usage: python train.py [flags]; --help lists")
-    assert message in err and err.count("\n") == 2
+def test_flag_syntax_errors_are_argparses_and_errors_start_a_fresh_line(tiny, monkeypatch,
+                                                                          capsys):
+    """A flag's syntax: argparse's own usage line and error, exit 2. An error met while a
+    progress line is drawn (a corrupt image while decoding) starts a line of its own."""
+    for argv, message in ((["--epochs", "2.5"], "argument --epochs: invalid int value: '2.5'"),
+                          (["--resize", "blurry"], "argument --resize: invalid choice: 'blurry'"),
+                          (["--nonsense"], "unrecognized arguments: --nonsense")):
+        with pytest.raises(SystemExit) as e:
+            tiny[0](*argv)
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and err.startswith("usage: python train.py [flags]; --help lists")
+        assert message in err and err.count("\n") == 2
 
-
-def test_an_error_starts_on_a_fresh_line(monkeypatch, capsys):
-    """An error met while a progress line is drawn starts a line of its own."""
     def images():
         yield [1]
         time.sleep(0.3)  # the progress line is drawn at most 4 times a second
@@ -1654,11 +1652,10 @@ def damaged(change):
      "torch.Size([128, 128, 1, 7])"),
 ], ids=["text", "empty", "IndexError", "struct.error", "pickled module", "missing", "offline",
         "missing key", "stray key", "wrong shape"])
-def test_unusable_weights_are_refused_in_one_line(weights, tmp_path, monkeypatch, write, start):
+def test_unusable_weights_are_refused_in_one_line(weights, tmp_path, write, start):
     """torch.load's own message for a file of other objects advises "weights_only=False", which
     would run the file's code: never passed on. Junk makes it raise anything (the one-byte files
     an IndexError and a struct.error). Each message names the URL of the right file."""
-    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", no_network)
     path = tmp_path / "w.pth" if write else None
     if write:
         write(path, weights[1])
@@ -1667,6 +1664,7 @@ def test_unusable_weights_are_refused_in_one_line(weights, tmp_path, monkeypatch
     message = str(e.value)
     assert message.startswith(start.format(path=path, url=fid.URLS["tf"])), message
     assert fid.URLS["tf"] in message and "--inception-weights" in message
+    assert start.startswith("these") or message.endswith(" --inception-weights PATH")
     assert "\n" not in message and "weights_only" not in message
 
 
