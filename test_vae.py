@@ -5,17 +5,17 @@ files of known contents, torchvision and pytorch-fid. A rule's test names its so
 read the rule, not restate it. Read-only checks share one trained run, the others copy it.
 
 INDEX: paper (or released code) behaviour -> test
-eq. 7 + k eq. 3 loss (eq. 9 up to constants)   -> test_loss_equals_hand_computation
+eq. 7 + k eq. 3 loss (eq. 9 up to constants)    -> test_loss_equals_hand_computation
 settings of 4.1, 4.2; k by pixel count, 4.2     -> test_defaults_are_the_papers_numbers
 computed gamma = sqrt(mse estimate), section 3  -> test_computed_gamma_follows_the_rule
-... a constant in eq. 9; learned gamma (D & W) -> test_computed_gamma_follows_the_rule
+... a constant in eq. 9; learned gamma (D & W)  -> test_computed_gamma_follows_the_rule
 gamma updated after each minibatch; l2, 4.2     -> test_a_step_is_eq_7_plus_k_eq_3_plus_l2_at_...
 stage-1 network, Fig. 1                         -> test_stage1_shapes_and_the_reference_layout
 stage-2 network (Dai & Wipf)                    -> test_stage2_concatenates_its_input_in_both_...
 TF1 batch norm, debiased averages (D & W)       -> test_batch_norm_moving_averages_are_debiased
 z = mu + sigma eps; REC, GEN-1, GEN-2 sampling  -> test_sampling_in_training_and_evaluation
 variance law eq. 6, inactive footnote 3         -> test_variance_law_and_inactive_latents_by_...
-Adam with TF1's defaults, 4; lr halving, 4.1   -> test_adam_is_tf1s_and_the_lr_halves_every_...
+Adam with TF1's defaults, 4; lr halving, 4.1    -> test_adam_is_tf1s_and_the_lr_halves_every_...
 stage 2 on fresh z = mu + sigma eps (D & W)     -> test_each_epoch_draws_new_noise
 ... of the frozen stage-1 encoder (D & W)       -> test_limit_draws_a_seeded_subset_kept_by_...
 evaluation protocol, 4-5; latent norm., 4.2     -> test_eval_follows_the_protocol
@@ -117,7 +117,7 @@ class Gadget:
         return self.func, self.args
 
 
-# === vae.py: the loss, eq. 3, 7, 9, and k (4.2) ==================================================
+# === vae.py: the loss, eq. 3, 7, 9 ===============================================================
 def test_loss_equals_hand_computation():
     """eq. 7 summed over the D values of a sample plus k times eq. 3 (eq. 9 up to constants),
     averaged over the batch; mse is the mean over all values, kl eq. 3's batch mean. eq. 3,
@@ -623,9 +623,9 @@ def test_a_cut_run_keeps_the_last_epoch_and_says_how_to_go_on(shared, tiny, tmp_
             raise KeyboardInterrupt
 
     def loss(*a, **k):
-        l, mse, kl = real_loss(*a, **k)
+        value, mse, kl = real_loss(*a, **k)
         calls.append(1)
-        return (l * float("nan") if len(calls) == at else l), mse, kl
+        return (value * float("nan") if len(calls) == at else value), mse, kl
     if cut == "nan":
         monkeypatch.setattr(vae, "vae_loss", loss)
     else:
@@ -717,15 +717,15 @@ REFUSALS = [  # (what --out holds, the flags, the error); a new run is given TIN
 
 @pytest.mark.parametrize("holds, argv, message", REFUSALS)
 def test_refusals_come_first_in_one_line_and_change_nothing(shared, tmp_path, monkeypatch,
-                                                           capsys, holds, argv, message):
-    """Exit 1 with one line "error: ...", never torch's unsafe weights_only advice, before any
-    data is decoded or image generated, --out left as it was."""
+                                                            capsys, holds, argv, message):
+    """Each refusal: exit 1 with one line "error: ...", never torch's unsafe weights_only
+    advice, before any data is decoded or image generated, and --out left as it was."""
     out = str(tmp_path / "run")
     if holds != "nothing":
         copy_run(shared.out if holds in ("both stages", "stage 1 trained on") else shared.one,
                  tmp_path)  # the others: stage 1 alone
     stage1 = os.path.join(out, "stage1.pt")
-    if holds == "stage 1 trained on":  # further after stage 2 (with stage2.pt moved away)
+    if holds == "stage 1 trained on":  # its epoch past stage 2's, as after training it on
         torch.save(torch.load(stage1, weights_only=True) | dict(epoch=4), stage1)
     if holds == "truncated stage 1":
         with open(stage1, "r+b") as f:
@@ -752,7 +752,7 @@ def test_refusals_come_first_in_one_line_and_change_nothing(shared, tmp_path, mo
 
 
 def test_flag_syntax_errors_are_argparses_and_errors_start_a_fresh_line(tiny, monkeypatch,
-                                                                          capsys):
+                                                                        capsys):
     """A flag's syntax: argparse's own usage line and error, exit 2. An error met while a
     progress line is drawn (a corrupt image while decoding) starts a line of its own."""
     for argv, message in ((["--epochs", "2.5"], "argument --epochs: invalid int value: '2.5'"),
@@ -779,8 +779,8 @@ def test_flag_syntax_errors_are_argparses_and_errors_start_a_fresh_line(tiny, mo
 def test_moved_and_linked_data_is_the_same_data(shared, tmp_path):
     """The data is its settings and image counts, not its path: training on through a symlink,
     and stage 2 and --eval on a moved copy, are allowed; the cache is not decoded again."""
-    images, out = shutil.copytree(shared.folder, tmp_path / "images"), copy_run(shared.one,
-                                                                                tmp_path)
+    images = shutil.copytree(shared.folder, tmp_path / "images")  # copy2 keeps the mtimes
+    out = copy_run(shared.one, tmp_path)
     data.load_split("folder", "train", str(images), 16)  # the cache, made at the real path
     caches = sorted((tmp_path / "cache").rglob("*train*.npy"))
     os.symlink(images, tmp_path / "link")
@@ -848,7 +848,7 @@ def test_eval_after_fewer_than_1000_steps_says_the_moving_averages_lag(shared, t
     torch.save(torch.load(path, weights_only=True) | dict(epoch=epoch), path)
     capsys.readouterr()
     bare(out, "--eval", "--no-fid", "--n-eval", "10")
-    lines = [l for l in capsys.readouterr().out.splitlines() if l.startswith("note:")]
+    lines = [s for s in capsys.readouterr().out.splitlines() if s.startswith("note:")]
     assert lines == [f"note: stage 1 has trained {6 * epoch} steps; batch norm's moving averages "
                      "(decay 0.999) weigh all of them almost alike, the untrained first ones too, "
                      "so the mse and pictures here lag far behind training's until about "
@@ -885,10 +885,12 @@ def test_eval_scores_each_set_against_the_test_images(shared, tiny, tmp_path, mo
     pairs = tiles(os.path.join(runs[0], "eval_recon.png"), 64, True)[at]
     assert np.array_equal(pairs[::2], test)
     gen1, gen2 = (tiles(os.path.join(runs[0], f"eval_gen{k}.png"), 4) for k in (1, 2))
-    features = lambda imgs: Pixels()(as_batch(imgs)).double().detach().numpy()  # as eval's
-    for key, imgs in (("rec_fid", pairs[1::2]), ("gen1_fid", gen1), ("gen2_fid", gen2)):
-        want, largest = fid_of_features(features(test), features(imgs))  # 4 images a side
-        assert res[key] == pytest.approx(want, abs=2 * root_tol(6, largest)), key
+    with torch.no_grad():  # the features as --eval computes them
+        a = Pixels()(as_batch(test)).double().numpy()
+        for key, imgs in (("rec_fid", pairs[1::2]), ("gen1_fid", gen1), ("gen2_fid", gen2)):
+            b = Pixels()(as_batch(imgs)).double().numpy()
+            want, largest = fid_of_features(a, b)  # 4 images a side
+            assert res[key] == pytest.approx(want, abs=2 * root_tol(6, largest)), key
     assert len({round(res[k], 3) for k in ("rec_fid", "gen1_fid", "gen2_fid")}) == 3
 
 
@@ -910,7 +912,8 @@ def test_grids_say_what_they_show_and_the_heatmap_is_fig_6(tmp_path):
         ink = (g < 100).all(-1)  # black text on white
         assert ink[:20].sum() > 50  # the title
         names = [ink[20 + r * 66:86 + r * 66, :60].sum() for r in range(rows)] if recon else [0]
-        assert names == [0] or (names[0] == names[2] > names[1] == names[3] > 0)  # "original"
+        # the row names: "original" has more ink than "recon"
+        assert names == [0] or (names[0] == names[2] > names[1] == names[3] > 0)
     history = [dict(stage=1, latent_var=[1.0, 0.25, 0.9]),
                dict(stage=1, latent_var=[0.0, 0.5, 1.0])]
     train.write_pictures(history, None, None, None, str(tmp_path), 0, grids=False)
@@ -1306,7 +1309,7 @@ def test_bad_input_gives_clear_error(tmp_path, monkeypatch, setup, call, message
     assert files_under(tmp_path) == before and not (tmp_path / "cache").exists()
 
 
-# === data.py: batches, subsets, uint8, progress, atomic writes ==================================
+# === data.py: batches, subsets, uint8, progress, atomic writes ===================================
 IMAGES = np.random.default_rng(0).integers(0, 256, (10, 4, 5, 3), dtype=np.uint8)
 IMAGES[:, 0, 0, 0] = np.arange(10)  # each image's id
 
@@ -1672,10 +1675,10 @@ def test_unusable_weights_are_refused_in_one_line(weights, tmp_path, write, star
 def test_each_block_pools_as_its_variant(variant):
     """The TF graph (pytorch-fid's patches): A, C and the first E blocks average without the
     padding, Mixed_7c max-pools; by hand, the corner of a 3x3 pool over a 2x2 image."""
-    corner = lambda pool: pool(torch.tensor([[[[1.0, 2.0], [3.0, 4.0]]]]))[0, 0, 0, 0].item()
-    assert corner(fid.avg_pool) == pytest.approx((1 + 2 + 3 + 4) / 9)  # 5 padding zeros count
-    assert corner(fid.tf_avg_pool) == pytest.approx((1 + 2 + 3 + 4) / 4)  # they do not (TF)
-    assert corner(fid.tf_max_pool) == 4.0
+    corner = [pool(torch.tensor([[[[1.0, 2.0], [3.0, 4.0]]]]))[0, 0, 0, 0].item()
+              for pool in (fid.avg_pool, fid.tf_avg_pool, fid.tf_max_pool)]
+    # torchvision counts the 5 padding zeros; TF does not; Mixed_7c's max
+    assert corner == pytest.approx([(1 + 2 + 3 + 4) / 9, (1 + 2 + 3 + 4) / 4, 4.0])
     tv = variant == "torchvision"
     patched = fid.avg_pool if tv else fid.tf_avg_pool
     want = {**{f"Mixed_{b}": [patched] for b in ("5b", "5c", "5d", "6b", "6c", "6d", "6e", "7b")},
@@ -1778,6 +1781,7 @@ def test_stats_cache_miss_computes_and_saves_then_hit_reads(tmp_path):
     assert files_under(tmp_path) == ["stats.npz"]
     # np.savez fails at sigma after writing mu: no half-written file under the name, which the
     # next run's cached_stats would load as the statistics
+
     class Unwritable:
         def __array__(self, *args, **kwargs):
             raise KeyboardInterrupt
@@ -1892,8 +1896,8 @@ def test_cli_needs_two_inputs_or_save_stats_and_documents_every_argument(tmp_pat
     with pytest.raises(SystemExit):
         fid.main([])
     options = [a for a in parsers[0]._actions if a.dest != "help"]
-    assert {a.dest for a in options} == {"a", "b", "save_stats", "inception", "inception_weights",
-                                          "batch_size", "device"}
+    assert {a.dest for a in options} == {"a", "b", "save_stats", "inception",
+                                         "inception_weights", "batch_size", "device"}
     assert all(a.help and len(a.help.split()) >= 2 for a in options)
 
 
