@@ -30,6 +30,8 @@ Inception features (torchvision, the TF graph)  -> test_features_match_torchvisi
 the TF graph's four pools (pytorch-fid)         -> test_each_block_pools_as_its_variant
 float64 statistics; FID depends on N (10,000)   -> test_statistics_are_float64_mean_over_images_...
 TF32 off for FID features                       -> test_features_are_computed_without_tf32_...
+real statistics cached per variant and N        -> test_real_statistics_cache_keeps_inception_...
+Table 1 row by row; GEN-2 after 2E, Fig. 2      -> test_table1_row_by_row_as_the_readme_says
 """
 import argparse
 import builtins
@@ -446,6 +448,14 @@ def test_a_new_run_takes_the_papers_settings_then_the_flags_given(shared, tmp_pa
             "fc_dim", "num_scale", "images", "data_dir")
     assert {k: cfg2[k] for k in same} == {k: cfg1[k] for k in same}
     assert (cfg2["second_dim"], cfg2["batch_size"], cfg2["stage1_epoch"]) == (16, 10, EPOCHS[1])
+    # Dai & Wipf learn both gammas: a new stage 2 takes stage 1's policy, unless --gamma says
+    learned = copy_run(shared.one, tmp_path, "learned")
+    ck = torch.load(os.path.join(learned, "stage1.pt"), weights_only=True)
+    ck["config"]["gamma"] = "learned"
+    torch.save(ck, os.path.join(learned, "stage1.pt"))
+    for given, gamma in (([], "learned"), (["--gamma", "computed"], "computed")):
+        args = train.parse_args(["--out", learned, "--stage", "2", *given])
+        assert train.configure(args)[0]["gamma"] == gamma
     # the start line says what is trained, on what, and whence the settings come
     paper = train.paper_defaults("folder", 16, 1)["paper"]
     assert re.search(
@@ -465,6 +475,17 @@ def test_a_new_run_takes_the_papers_settings_then_the_flags_given(shared, tmp_pa
     assert re.search(r"stage 1 epoch 1/3 60/60 images, \d+ images/s, ETA 0:00", shared.err)
     row = json.loads(open(os.path.join(shared.out, "metrics_stage1.jsonl")).readline())
     assert row["images_per_s"] * row["seconds"] == pytest.approx(60, rel=1e-9)  # 6 steps of 10
+
+
+def test_a_start_lists_the_image_folder_once(shared, tmp_path, monkeypatch):
+    """A new run needs the folder's side (no --img-size), both splits' counts and its cache
+    key: one listing serves all (60,000 files take about a second), a relative path too."""
+    walked, walk = [], os.walk
+    monkeypatch.setattr(os, "walk", lambda root, *a: walked.append(root) or walk(root, *a))
+    monkeypatch.chdir(shared.folder.parent)
+    train.main([*TINY[2:], "--dataset", "folder", "--data-dir", "images", "--epochs", "1",
+                "--out", str(tmp_path / "run")])
+    assert walked == [str(shared.folder)]
 
 
 # === train.py: the training loop =================================================================
@@ -660,6 +681,27 @@ def test_a_cut_run_keeps_the_last_epoch_and_says_how_to_go_on(shared, tiny, tmp_
         assert metrics(out) == metrics(shared.out)
 
 
+def test_table1_row_by_row_as_the_readme_says(shared, tmp_path):
+    """README's recipe for Table 1 at a tiny size, two rows (E = 3, 4): stage 1 on to epoch E, a
+    copy of the run, in it stage 2 for 2E epochs (Fig. 2's caption) and --eval. Each eval.json
+    holds its own epochs and each stage's settings, and the run goes on untouched."""
+    out = copy_run(shared.one, tmp_path)
+    for e in (EPOCHS[1], EPOCHS[1] + 1):
+        if e > EPOCHS[1]:
+            bare(out, "--resume", "--epochs", str(e))
+        row = copy_run(out, tmp_path, f"e{e}")
+        bare(row, "--stage", "2", "--epochs", str(2 * e), "--second-dim", "16",
+             "--batch-size", "10")
+        bare(row, "--eval", "--no-fid")
+        res = json.load(open(os.path.join(row, "eval.json")))
+        cks = [train.load_checkpoint(row, s, "cpu") for s in (1, 2)]
+        assert (res["epochs"], res["epochs2"], cks[1]["config"]["stage1_epoch"]) == (e, 2 * e, e)
+        assert res["settings"] == json.loads(json.dumps(
+            {f"stage{s}": ck["config"] for s, ck in zip((1, 2), cks)}))
+        assert metrics(row) == metrics(out)
+    assert not os.path.exists(os.path.join(out, "stage2.pt"))
+
+
 # === train.py: refusals ==========================================================================
 RESUME, EVAL = ["--epochs", "4", "--resume"], ["--eval", "--no-fid"]
 CONTRADICTIONS = [  # a flag given against stage1.pt (TINY's flags, the paper's k at 16x16)
@@ -713,6 +755,10 @@ REFUSALS = [  # (what --out holds, the flags, the error); a new run is given TIN
     # torch.load(weights_only=True): a pickle that would run code (os.system touching a file in
     # --out) is refused, and the code never runs; never torch's advice of weights_only=False
     ("stage 1 that runs code", RESUME, ".*stage1.pt cannot be read .*: it is truncated, corrupt"),
+    ("stage 1 of an earlier version", EVAL, r".*stage1.pt was made by an earlier version of "
+     r"train.py \(its settings lack images\): train again"),  # before the image counts
+    ("nothing", ["--dataset", "folder", "--data-dir", "{bad}"],  # no --img-size: the first's
+     "cannot decode image .*bad/test/000.png"),
 ]
 
 
@@ -733,16 +779,25 @@ def test_refusals_come_first_in_one_line_and_change_nothing(shared, tmp_path, mo
             f.truncate(os.path.getsize(stage1) // 2)
     if holds == "stage 1 that runs code":
         torch.save(dict(epoch=Gadget(os.system, f"touch {out}/ran")), stage1)
+    if holds == "stage 1 of an earlier version":
+        ck = torch.load(stage1, weights_only=True)
+        del ck["config"]["images"]
+        torch.save(ck, stage1)
     if "{dogs}" in argv:  # other data: 54 train and 10 test images
         dogs = str(image_folder(tmp_path / "dogs", n_train=54, n_test=10, seed=1))
         argv = [dogs if a == "{dogs}" else a for a in argv]
+    bad = "{bad}" in argv  # a folder whose first image in sorted order cannot be read
+    if bad:
+        folder = image_folder(tmp_path / "bad", n_train=2, n_test=1)
+        (folder / "test" / "000.png").write_bytes(b"not a png")
+        argv = [str(folder) if a == "{bad}" else a for a in argv]
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # as without a GPU
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
     monkeypatch.setattr(data, "load_split", lambda *a, **k: pytest.fail("decoded data first"))
     monkeypatch.setattr(vae, "reconstruct", lambda *a: pytest.fail("generated images first"))
     before = files_under(out)
     new = [*TINY, "--dataset", "folder", "--data-dir", str(shared.folder)]
-    new = new if holds == "nothing" else []
+    new = new if holds == "nothing" and not bad else []
     capsys.readouterr()
     with pytest.raises(SystemExit) as e:
         train.main([*new, "--out", out, *argv])
@@ -1745,6 +1800,21 @@ def test_statistics_are_float64_mean_over_images_and_covariance_over_n_minus_1(c
                            "paper's 10,000)"] if n == 6 else [])
 
 
+@pytest.mark.parametrize("other", [("tf", 30), ("torchvision", 20)], ids=["variant", "n"])
+def test_real_statistics_cache_keeps_inception_variants_and_n_apart(tmp_path, other):
+    """FID depends on the network (the two weight files are different scales) and on N: after
+    the torchvision statistics of 30 images are cached, a tf score or one of 20 images computes
+    its own. Each set scored against itself then gives 0; the other's statistics would give 6
+    (tf features shifted by 1 in each of 6) or the distance of two samples' statistics."""
+    real = images(30, size=4)
+    for variant, n in (("torchvision", 30), other):
+        net = Pixels(float(variant == "tf"), variant)
+        got = fid.score(net, real[:n], {"self": real[:n]}, str(tmp_path), ["cifar10", "test"])
+        largest = np.linalg.eigvalsh(fid.feature_stats(net, real[:n])[1])[-1] ** 2
+        assert got["self"] == pytest.approx(0, abs=2 * root_tol(6, largest))
+    assert len(list(tmp_path.glob("fid_stats_cifar10_test_n*.npz"))) == 2
+
+
 @pytest.mark.parametrize("before", [True, False])
 def test_features_are_computed_without_tf32_and_the_settings_restored(before):
     """TF32 (cuDNN's default on recent GPUs) makes the features drift, so reference-grade FID
@@ -1890,6 +1960,11 @@ def test_cli_needs_two_inputs_or_save_stats_and_documents_every_argument(tmp_pat
     np.savez(tmp_path / "b.npz", mu=np.zeros(2), sigma=np.eye(2))
     assert fid.main([str(tmp_path / "a.npz"), str(tmp_path / "b.npz")]) == 0
     assert capsys.readouterr() == ("2.000000\n", "")
+    np.savez(tmp_path / "c.npz", mu=np.zeros(3), sigma=np.eye(3))  # another network's, say
+    assert fid.main([str(tmp_path / "a.npz"), str(tmp_path / "c.npz")]) == 1
+    assert capsys.readouterr().err == (
+        "error: statistics of different sizes: mu (2,) and (3,), sigma (2, 2) and (3, 3); "
+        "compute both sides with the same Inception\n")
     with pytest.raises(SystemExit) as e:
         fid.main(["a.npz"])
     assert e.value.code == 2 and "--save-stats OUT.npz" in capsys.readouterr().err
