@@ -41,17 +41,8 @@ from data import DataError
 # every 48), l2 kept on the down- and up-sampling kernels. Where the paper is silent, the
 # released code's: CelebA's halving every 60 / 120 epochs, 140 stage-2 epochs, l2 weight 0.001.
 PAPER = {
-    "CIFAR-10": dict(
-        epochs=(700, 1400),
-        lr=(1e-4, 1e-4),
-        halve_every=(200, 100),
-        l2=(0, 0)),
-    "CelebA": dict(
-        epochs=(70, 140),
-        lr=(5e-5, 5e-5),
-        halve_every=(60, 120),
-        l2=(1e-3, 0)),
-}
+    "CIFAR-10": dict(epochs=(700, 1400), lr=(1e-4, 1e-4), halve_every=(200, 100), l2=(0, 0)),
+    "CelebA": dict(epochs=(70, 140), lr=(5e-5, 5e-5), halve_every=(60, 120), l2=(1e-3, 0))}
 # the data's settings: with each split's image count, the data's identity
 DATA = ("dataset", "img_size", "resize", "jpeg", "limit", "seed")
 
@@ -501,13 +492,10 @@ def parse_args(argv):
                                 description=__doc__.splitlines()[0])
     a = p.add_argument
     # the settings: a flag left out is None, so it never contradicts a checkpoint
-    a("--dataset", choices=data.DATASETS,
-      help="cifar10 (default), celeba, folder (any images)")
+    a("--dataset", choices=data.DATASETS, help="cifar10 (default), celeba, folder (any images)")
     a("--img-size", type=int, help="image side: 32 (cifar10), 64 (celeba), a folder's own")
-    a("--resize", choices=tuple(data.RESIZE_MODES),
-      help="PIL filter, Fig. 3 (default bilinear)")
-    a("--jpeg", type=int,
-      help="a JPEG round trip at this quality, as the reference (75); default lossless")
+    a("--resize", choices=tuple(data.RESIZE_MODES), help="PIL filter, Fig. 3 (default bilinear)")
+    a("--jpeg", type=int, help="a JPEG round trip at this quality, as the reference's 75")
     a("--limit", type=int, help="train on N training images drawn at random from --seed")
     a("--seed", type=int, help="random seed (0)")
     a("--latent-dim", type=int, help="latent variables (paper 4.1: 64)")
@@ -515,8 +503,7 @@ def parse_args(argv):
     a("--fc-dim", type=int, help="width of the encoder's fc scale block (512)")
     a("--num-scale", type=int, help="encoder scales: log2(side) - 2")
     a("--second-dim", type=int, help="stage-2 width: 2048 for sides <= 32, else 4096")
-    a("--gamma", choices=tuple(vae.GAMMAS),
-      help="computed (the paper) or learned (Dai & Wipf); stage 2: stage 1's")
+    a("--gamma", choices=tuple(vae.GAMMAS), help="computed (paper) or learned; stage 2: stage 1's")
     a("--lr", type=float, help="initial Adam learning rate: 1e-4 (cifar10), 5e-5 (celeba)")
     a("--halve-every", type=int, help="halve the lr every N epochs: 200/100, 60/120 (celeba)")
     a("--batch-size", type=int, help="minibatch size (paper 4: 100)")
