@@ -122,9 +122,8 @@ class Gadget:
 
 # === vae.py: the loss, eq. 3, 7, 9 ===============================================================
 def test_loss_equals_hand_computation():
-    """eq. 7 summed over the D values of a sample plus k times eq. 3 (eq. 9 up to constants),
-    averaged over the batch; mse is the mean over all values, kl eq. 3's batch mean. eq. 3,
-    KL(N(mu, sigma^2) || N(0, I)) summed over the latents, also against torch.distributions."""
+    """eq. 7 over a sample's D values plus k eq. 3 (eq. 9 up to constants), batch-averaged; mse
+    the mean of all values, kl eq. 3's batch mean; eq. 3 also against torch.distributions."""
     x = torch.tensor([[0.0, 1.0], [0.5, 0.25]])
     x_hat = torch.tensor([[0.2, 0.6], [0.5, 0.75]])
     mu = torch.tensor([[0.0], [1.0]])
@@ -147,10 +146,8 @@ def test_loss_equals_hand_computation():
 
 # === vae.py: gamma, section 3 ====================================================================
 def test_computed_gamma_follows_the_rule():
-    """Section 3 (0.99, 0.01 and the start at 1.0 are the released code's): after each batch
-    mse_est = min(mse_est, 0.99 mse_est + 0.01 batch_mse), gamma = sqrt(mse_est), so it never
-    increases; a constant in eq. 9. Dai & Wipf's learned log gamma: d loss / d log gamma =
-    D - sse / gamma^2 (eq. 8)."""
+    """Section 3 (0.99, 0.01, start 1.0: the released code's): gamma = sqrt(mse_est), never
+    rising; a constant in eq. 9. Dai & Wipf's learned log gamma: d loss / d log gamma, eq. 8."""
     g = vae.ComputedGamma()
     est, seen = 1.0, []
     for batch_mse in [0.5, 2.0, 0.1, 0.1, 3.0, 0.01]:
@@ -187,10 +184,8 @@ def test_computed_gamma_follows_the_rule():
 # === vae.py: the networks, Fig. 1 (Dai & Wipf's) =================================================
 @pytest.mark.parametrize("side,num_scale", [(16, 2), (32, 3), (64, 4)])
 def test_stage1_shapes_and_the_reference_layout(side, num_scale):
-    """Fig. 1: images in, images out through a sigmoid, mu and log sigma per latent; num_scale - 1
-    stride-2 convolutions down, log2(side) - 1 transposed ones up from 2x2. Dai & Wipf's layout:
-    for 32x32 with base 32 the decoder runs 512 (2x2) -> 256 -> 128 -> 64 -> 32, the encoder
-    doubles 32 -> 64 -> 128; batch norm as TF's (decay 0.999, epsilon 1e-5)."""
+    """Fig. 1: sigmoid images, mu and log sigma; num_scale - 1 convs down, log2(side) - 1 up.
+    Dai & Wipf's layout at 32x32, base 32: 512 (2x2) -> ... -> 32 up, 32 -> 128 down; TF's BN."""
     m = vae.VAE(side, latent_dim=8, base_dim=4, fc_dim=16, num_scale=num_scale)
     x = torch.rand(3, 3, side, side)
     x_hat, mu, logsd = m(x)
@@ -250,9 +245,8 @@ def test_batch_norm_moving_averages_are_debiased():
 
 
 def test_sampling_in_training_and_evaluation():
-    """Training decodes z = mu + sigma * eps, eps ~ N(0, I). The released code's evaluation:
-    REC decodes a sampled z = mu + sigma eps (not mu), GEN-1 z ~ N(0, I), GEN-2 u ~ N(0, I)
-    through the stage-2 decoder, in that order from the caller's generator."""
+    """Training decodes z = mu + sigma eps. The released code's eval: REC a sampled z (not mu),
+    GEN-1 z ~ N(0, I), GEN-2 u ~ N(0, I) through stage 2's decoder, in that order."""
     m1, m2 = vae.VAE(16, 8, 4, 16, 2).eval(), vae.SecondStage(8, 16, 2).eval()  # eval: no BN noise
     x = torch.rand(4, 3, 16, 16)
     torch.manual_seed(5)
@@ -275,10 +269,8 @@ def test_sampling_in_training_and_evaluation():
 
 # === vae.py: latent statistics, eq. 6, footnote 3 ================================================
 def test_variance_law_and_inactive_latents_by_both_definitions():
-    """eq. 6 per latent: Var_X[mu(X)] + E_X[sigma^2(X)]; inactive when E[sigma^2] >= 0.8
-    (footnote 3). The released code puts E[sigma] in place of E[sigma^2]: a "limbo" latent with
-    sigma 0.85 (E[sigma^2] 0.7225) is active by the paper, inactive by the code; sigma 0.5 is
-    active by both, 1 by neither. Float32 inputs: the sums hold to ~1e-7."""
+    """eq. 6: Var[mu] + E[sigma^2]; inactive at E[sigma^2] >= 0.8 (footnote 3); the released
+    code's E[sigma]: sigma 0.85 active by the paper only, 0.5 by both, 1 by neither."""
     mu = torch.tensor([[1.0, 0.0], [-1.0, 0.0], [3.0, 0.0], [-3.0, 0.0]])
     logsd = torch.log(torch.tensor([[0.1, 1.0], [0.1, 1.0], [0.1, 1.0], [0.1, 1.0]]))
     law, e_var = vae.variance_law(mu, logsd)
@@ -328,9 +320,8 @@ def bare(out, *argv):
 
 @pytest.fixture(scope="module")
 def shared(tmp_path_factory):
-    """60 + 30 smooth 16x16 images (`folder`); stage 1 for EPOCHS[1] with TINY's flags, then
-    stage 2 given --out and its network's flags (`out`; `one`: a copy of stage 1 alone); what
-    they printed (`log`, `err`). Read only: a test that changes a run works on copy_run's."""
+    """60 + 30 16x16 images (`folder`); stage 1 with TINY's flags, then stage 2 (`out`; `one`:
+    stage 1 alone); their output (`log`, `err`). Read only: tests that change a run copy it."""
     root = tmp_path_factory.mktemp("shared")
     folder, out, one = image_folder(root / "images"), str(root / "run"), str(root / "stage1")
     log, err = io.StringIO(), io.StringIO()
@@ -381,8 +372,7 @@ def as_batch(images):
 
 
 def tiles(path, n, recon=False, side=16, ncol=8, pad=2):
-    """The first n images of a grid written by save_grid: below its 20-px title, right of a
-    recon grid's 60-px row names, each enlarged 4x (16 px to 64) and read back at 1x."""
+    """A save_grid grid's first n images (below the title, right of row names), at 1x."""
     grid, s = np.asarray(Image.open(path))[20 + pad:, 60 * recon + pad:], 4 * side + pad
     return np.stack([grid[r * s:r * s + 4 * side:4, c * s:c * s + 4 * side:4]
                      for r, c in (divmod(i, ncol) for i in range(n))])
@@ -399,10 +389,8 @@ def tiles(path, n, recon=False, side=16, ncol=8, pad=2):
     ("folder", 64, 1, (70, 5e-5, 60, 4.0, 1e-3, 4, 4096)),
 ])
 def test_defaults_are_the_papers_numbers(dataset, side, stage, numbers):
-    """Sections 4, 4.1, 4.2 and Fig. 1, as literal numbers (CelebA's halving periods and stage-2
-    epochs from the released code's comments): CelebA's for any side of 64 or more, else
-    CIFAR-10's. k by pixel count (4.2: 4x CIFAR-10's pixels in CelebA's 64x64 with the same 64
-    latents, 4x the KL): 1 at 32x32, 4 at 64x64, 256 / 1024 at 16x16; 1 in stage 2."""
+    """Sections 4, 4.1, 4.2, Fig. 1 (CelebA's halvings and stage-2 epochs: the released code's
+    comments): CelebA's for sides >= 64, else CIFAR-10's; k by pixel count (4.2); 1 in stage 2."""
     common = dict(paper="CelebA" if side >= 64 else "CIFAR-10", dataset=dataset, img_size=side,
                   batch_size=100, gamma="computed", latent_dim=64, base_dim=32, fc_dim=512,
                   block_per_scale=1, depth_per_block=2, second_depth=3, seed=0,
@@ -414,9 +402,8 @@ def test_defaults_are_the_papers_numbers(dataset, side, stage, numbers):
 
 
 def test_adam_is_tf1s_and_the_lr_halves_every_200_epochs():
-    """Paper 4: two Adam steps on loss = 3p, then -p, by hand with TF1's defaults (beta1 0.9,
-    beta2 0.999, eps 1e-8 added to the root of the bias-corrected second moment). Paper 4.1:
-    1e-4, halved every 200 epochs; epoch is 0-based (the 201st epoch halves)."""
+    """Paper 4: two Adam steps by hand with TF1's defaults (eps added to the root of the second
+    moment). Paper 4.1: 1e-4, halved every 200 epochs; epoch is 0-based."""
     epochs = (0, 199, 200, 399, 400, 600, 699)
     assert [train.lr_at(dict(lr=1e-4, halve_every=200), e) for e in epochs] == [
         1e-4, 1e-4, 5e-5, 5e-5, 2.5e-5, 1.25e-5, 1.25e-5]
@@ -433,9 +420,8 @@ def test_adam_is_tf1s_and_the_lr_halves_every_200_epochs():
 
 
 def test_a_new_run_takes_the_papers_settings_then_the_flags_given(shared, tmp_path):
-    """A new stage 1 takes train.paper_defaults for its dataset and side, then the flags given;
-    a new stage 2 the paper's stage-2 settings, stage 1's data and network, then its flags; a
-    resume the checkpoint's, then --epochs. The start line names that source."""
+    """Stage 1: paper_defaults, then the flags; stage 2: the paper's, stage 1's data and
+    network, then its flags; a resume the checkpoint's, then --epochs; the start line says so."""
     cfg1, cfg2 = (torch.load(os.path.join(shared.out, f"stage{s}.pt"), weights_only=True)["config"]
                   for s in (1, 2))
     want = train.paper_defaults("folder", 16, 1) | TINY_FLAGS | dict(epochs=EPOCHS[1])
@@ -460,7 +446,8 @@ def test_a_new_run_takes_the_papers_settings_then_the_flags_given(shared, tmp_pa
     paper = train.paper_defaults("folder", 16, 1)["paper"]
     assert re.search(
         r"stage 1 on cpu \(\d+ threads\): folder 60 train images 16x16, [\d,]+ parameters, "
-        r"computed gamma, lr 0.002, batch 10, 6 steps an epoch; new run, 3 epochs in all; settings: the paper's "
+        r"computed gamma, lr 0.002, batch 10, 6 steps an epoch; new run, 3 epochs in all; "
+        "settings: the paper's "
         f"{paper} settings, --dataset folder, --img-size 16, --seed 3, --latent-dim 8, .*, "
         "--lr 0.002, --halve-every 1, --batch-size 10, --epochs 3; out ", shared.log)
     assert (f"; settings: the paper's {paper} settings and {shared.out}/stage1.pt's data, "
@@ -478,8 +465,7 @@ def test_a_new_run_takes_the_papers_settings_then_the_flags_given(shared, tmp_pa
 
 
 def test_a_start_lists_the_image_folder_once(shared, tmp_path, monkeypatch):
-    """A new run needs the folder's side (no --img-size), both splits' counts and its cache
-    key: one listing serves all (60,000 files take about a second), a relative path too."""
+    """One listing serves a new run's side, counts and cache key, a relative path's too."""
     walked, walk = [], os.walk
     monkeypatch.setattr(os, "walk", lambda root, *a: walked.append(root) or walk(root, *a))
     monkeypatch.chdir(shared.folder.parent)
@@ -490,9 +476,8 @@ def test_a_start_lists_the_image_folder_once(shared, tmp_path, monkeypatch):
 
 # === train.py: the training loop =================================================================
 def test_training_lowers_mse_and_writes_outputs(shared):
-    """Per epoch a metrics row, the mse and gamma falling (Table 1), its lr (train.lr_at) used;
-    the checkpoint holds the history and gamma^2; grids every --sample-every 2 epochs and the
-    last, the recon grid's originals spread over the split; stage 2's rows and pictures apart."""
+    """Per epoch a metrics row, mse and gamma falling (Table 1), train.lr_at's lr; the checkpoint;
+    grids every 2nd and the last epoch, originals spread over the split; stage 2's apart."""
     out, rows = shared.out, metrics(shared.out)
     assert [r["epoch"] for r in rows] == [1, 2, 3] and rows[-1]["mse"] < rows[0]["mse"]
     assert all(r["gamma"] <= 1 for r in rows) and rows[-1]["gamma"] < rows[0]["gamma"]
@@ -507,8 +492,7 @@ def test_training_lowers_mse_and_writes_outputs(shared):
     assert ck["model"]["gamma.mse_est"].item() == pytest.approx(rows[-1]["gamma"] ** 2, rel=1e-5)
     assert ck["optimizer"]["param_groups"][0]["lr"] == lrs[-1]
     assert [r["epoch"] for r in metrics(out, 2)] == [1, 2] and len(metrics(out)) == 3
-    # the recon grid's originals: the training images at linspace(0, 59, 32) (across a folder
-    # sorted by class, not its first 32), in rows alternating with their reconstructions
+    # the originals: training images linspace(0, 59, 32), rows alternating with reconstructions
     pairs = tiles(os.path.join(shared.out, "recon_e0002.png"), 64, True)
     want = np.linspace(0, 59, 32).astype(int)
     files = [np.asarray(Image.open(shared.folder / "train" / f"{i:03d}.png")) for i in want]
@@ -517,9 +501,8 @@ def test_training_lowers_mse_and_writes_outputs(shared):
 
 
 def test_a_step_is_eq_7_plus_k_eq_3_plus_l2_at_the_gamma_before_it():
-    """A step's loss: eq. 7 over D = 768 values at gamma from the batches before it, + k eq. 3,
-    + l2 sum(w^2) over the stride-2 kernels (paper 4.2); then the estimate takes the step's mse
-    by vae.ComputedGamma's rule (section 3; the released code's order), read, not restated."""
+    """eq. 7 (D = 768) at the earlier batches' gamma + k eq. 3 + l2 sum(w^2) of stride-2 kernels
+    (4.2); then the step's mse updates gamma (section 3; the released code's order)."""
     torch.manual_seed(0)
     model = build(TINY_CFG, 1)
     step = train.make_step(model, train.make_optimizer(model, 1e-3, CPU.device),
@@ -540,10 +523,8 @@ def test_a_step_is_eq_7_plus_k_eq_3_plus_l2_at_the_gamma_before_it():
 
 
 def test_each_epoch_draws_new_noise(shared, tmp_path, monkeypatch):
-    """Stage 2 trains on z = mu + sigma * eps with new eps every epoch (Dai & Wipf), each row
-    once an epoch, in whole batches only. The step's noise of epoch e is seeded from
-    data.epoch_generator(seed, e) (a resume needs no saved state): no step of epoch 2 draws
-    epoch 1's noise again (seen in stage 2; stage 1's epochs run through the same loop)."""
+    """Stage 2 trains on z = mu + sigma eps, new eps every epoch (Dai & Wipf), each row once, in
+    whole batches; epoch 2's steps never redraw epoch 1's noise (seeded per epoch)."""
     mu = torch.arange(40.0).reshape(20, 2)
     images = np.arange(20, dtype=np.uint8)[:, None, None, None].repeat(3, 3)  # image i holds i
     m1 = types.SimpleNamespace(encode=lambda x: (mu[(x[:, 0, 0, 0] * 255).round().long()],
@@ -567,9 +548,8 @@ def test_each_epoch_draws_new_noise(shared, tmp_path, monkeypatch):
 
 
 def test_limit_draws_a_seeded_subset_kept_by_every_stage(shared, tiny, monkeypatch, capsys):
-    """--limit 20 of 60: the same 20 images drawn from the seed (not the first 20) for stage 1, a
-    resume and stage 2, as the start line says; stage 2 on mu(x), sigma(x) of those images from
-    the stage-1 encoder in evaluation mode (Dai & Wipf: batch norm's moving averages)."""
+    """--limit 20 of 60: the same seeded 20 in stage 1, a resume and stage 2; stage 2 on mu, sigma
+    from the stage-1 encoder in evaluation mode (Dai & Wipf: batch norm's moving averages)."""
     run, out = tiny
     seen, encoded = [], []
     real_init, real_latents = data.Batches.__init__, data.latent_batches
@@ -605,9 +585,8 @@ def test_limit_draws_a_seeded_subset_kept_by_every_stage(shared, tiny, monkeypat
 @pytest.mark.parametrize("stage, again, lose_line", [(1, False, False), (2, False, False),
                                                      (1, True, True)])
 def test_resume_equals_the_uninterrupted_run(shared, tiny, tmp_path, stage, again, lose_line):
-    """--resume with --out, --stage and --epochs alone takes every setting from the checkpoint,
-    flags equal to them are taken, and the run ends where the uninterrupted one does; a metrics
-    file that lost its last line (a kill between the two writes) is whole again."""
+    """--resume takes the checkpoint's settings (equal flags allowed) and ends where the
+    uninterrupted run does; a metrics file that lost its last line is whole again."""
     run, out = tiny
     if stage == 1:
         run("--epochs", str(EPOCHS[1] - 1))
@@ -629,10 +608,8 @@ def test_resume_equals_the_uninterrupted_run(shared, tiny, tmp_path, stage, agai
                                              ("ctrl-c", 3, True), ("nan", 8, False)])
 def test_a_cut_run_keeps_the_last_epoch_and_says_how_to_go_on(shared, tiny, tmp_path, monkeypatch,
                                                               capsys, cut, at, resume):
-    """Ctrl-C at step 3 of a new run (epoch 1 of 6 steps): nothing saved, the command to start
-    again; at step 9 or in a resume: the command to continue, --resume once; exit 130, on a
-    fresh line. A NaN loss stops a run with one line. The checkpoint and metrics stay at the
-    last finished epoch; --resume redoes the cut one and ends where an uninterrupted run does."""
+    """Ctrl-C: exit 130, the command to start again or go on (--resume once), on a fresh line; a
+    NaN loss: one line. The last finished epoch is kept; --resume ends as if uninterrupted."""
     run, out = tiny
     if resume:
         copy_run(shared.one, tmp_path)
@@ -682,9 +659,8 @@ def test_a_cut_run_keeps_the_last_epoch_and_says_how_to_go_on(shared, tiny, tmp_
 
 
 def test_table1_row_by_row_as_the_readme_says(shared, tmp_path):
-    """README's recipe for Table 1 at a tiny size, two rows (E = 3, 4): stage 1 on to epoch E, a
-    copy of the run, in it stage 2 for 2E epochs (Fig. 2's caption) and --eval. Each eval.json
-    holds its own epochs and each stage's settings, and the run goes on untouched."""
+    """README's Table 1 recipe, rows E = 3, 4: stage 1 to E, a copy, stage 2 for 2E (Fig. 2) and
+    --eval; each eval.json holds its epochs and settings; the run goes on untouched."""
     out = copy_run(shared.one, tmp_path)
     for e in (EPOCHS[1], EPOCHS[1] + 1):
         if e > EPOCHS[1]:
@@ -752,8 +728,7 @@ REFUSALS = [  # (what --out holds, the flags, the error); a new run is given TIN
        ".*stage1.pt is now at epoch 4: move stage2.pt away") for argv in (
         EVAL, ["--stage", "2", "--epochs", "3", "--resume"])],
     ("truncated stage 1", RESUME, ".*stage1.pt cannot be read .*: it is truncated, corrupt"),
-    # torch.load(weights_only=True): a pickle that would run code (os.system touching a file in
-    # --out) is refused, and the code never runs; never torch's advice of weights_only=False
+    # weights_only=True: a pickle that would run code is refused, unrun; no weights_only advice
     ("stage 1 that runs code", RESUME, ".*stage1.pt cannot be read .*: it is truncated, corrupt"),
     ("stage 1 of an earlier version", EVAL, r".*stage1.pt was made by an earlier version of "
      r"train.py \(its settings lack images\): train again"),  # before the image counts
@@ -765,8 +740,7 @@ REFUSALS = [  # (what --out holds, the flags, the error); a new run is given TIN
 @pytest.mark.parametrize("holds, argv, message", REFUSALS)
 def test_refusals_come_first_in_one_line_and_change_nothing(shared, tmp_path, monkeypatch,
                                                             capsys, holds, argv, message):
-    """Each refusal: exit 1 with one line "error: ...", never torch's unsafe weights_only
-    advice, before any data is decoded or image generated, and --out left as it was."""
+    """Exit 1, one line "error: ...", no weights_only advice, before any decoding; --out kept."""
     out = str(tmp_path / "run")
     if holds != "nothing":
         copy_run(shared.out if holds in ("both stages", "stage 1 trained on") else shared.one,
@@ -809,8 +783,7 @@ def test_refusals_come_first_in_one_line_and_change_nothing(shared, tmp_path, mo
 
 def test_flag_syntax_errors_are_argparses_and_errors_start_a_fresh_line(tiny, monkeypatch,
                                                                         capsys):
-    """A flag's syntax: argparse's own usage line and error, exit 2. An error met while a
-    progress line is drawn (a corrupt image while decoding) starts a line of its own."""
+    """argparse's usage line and error, exit 2; an error during a progress line starts a line."""
     for argv, message in ((["--epochs", "2.5"], "argument --epochs: invalid int value: '2.5'"),
                           (["--resize", "blurry"], "argument --resize: invalid choice: 'blurry'"),
                           (["--nonsense"], "unrecognized arguments: --nonsense")):
@@ -833,8 +806,7 @@ def test_flag_syntax_errors_are_argparses_and_errors_start_a_fresh_line(tiny, mo
 
 
 def test_moved_and_linked_data_is_the_same_data(shared, tmp_path):
-    """The data is its settings and image counts, not its path: training on through a symlink,
-    and stage 2 and --eval on a moved copy, are allowed; the cache is not decoded again."""
+    """The data is its settings and counts, not its path: a symlink or moved copy serves."""
     images = shutil.copytree(shared.folder, tmp_path / "images")  # copy2 keeps the mtimes
     out = copy_run(shared.one, tmp_path)
     data.load_split("folder", "train", str(images), 16)  # the cache, made at the real path
@@ -852,10 +824,8 @@ def test_moved_and_linked_data_is_the_same_data(shared, tmp_path):
 # === train.py: evaluation, sections 4-5 ==========================================================
 @pytest.mark.parametrize("latent_norm", [False, True])
 def test_eval_follows_the_protocol(shared, tmp_path, capsys, latent_norm):
-    """--eval by hand (paper 4-5, the released code's sampling): REC decodes mu + sigma * eps,
-    GEN-1 z ~ N(0, I), GEN-2 the stage-2 decoder's output (scaled to the variance law with
-    --latent-norm, 4.2), in that order from the run's seed; the mse; eq. 6 and footnote 3 as
-    vae.latent_summary has them; settings from the checkpoints; the table, progress lines."""
+    """--eval by hand (paper 4-5, the released code's sampling): REC, GEN-1, GEN-2 (--latent-norm
+    scales to the variance law, 4.2) from the run's seed; mse, eq. 6, footnote 3, the table."""
     out = copy_run(shared.out, tmp_path)
     capsys.readouterr()
     bare(out, "--eval", "--no-fid", "--n-eval", "25", *(["--latent-norm"] if latent_norm else []))
@@ -897,8 +867,7 @@ def test_eval_follows_the_protocol(shared, tmp_path, capsys, latent_norm):
 @pytest.mark.parametrize("epoch", [2, 166, 167])
 def test_eval_after_fewer_than_1000_steps_says_the_moving_averages_lag(shared, tmp_path, capsys,
                                                                        epoch):
-    """6 steps an epoch: below 1,000 steps one line says why the eval-mode numbers lag (batch
-    norm's averages, decay 0.999 as TF1's in Dai & Wipf, weigh all of them almost alike)."""
+    """Below 1,000 steps a note: batch norm's averages (decay 0.999, TF1's in Dai & Wipf) lag."""
     out = copy_run(shared.one, tmp_path)
     path = os.path.join(out, "stage1.pt")
     torch.save(torch.load(path, weights_only=True) | dict(epoch=epoch), path)
@@ -912,9 +881,8 @@ def test_eval_after_fewer_than_1000_steps_says_the_moving_averages_lag(shared, t
 
 
 def test_eval_scores_each_set_against_the_test_images(shared, tiny, tmp_path, monkeypatch):
-    """--eval's FIDs (paper 4-5) on a stand-in network: REC, GEN-1 and GEN-2 each against the n
-    test images drawn from the seed, whose statistics are cached beside the split's cache, one
-    file per protocol (lossless, --jpeg 75). With n = 4 each set is whole in its grid."""
+    """--eval's FIDs (paper 4-5), stand-in network: each set against n seeded test images, whose
+    statistics are cached per protocol (lossless, --jpeg 75); n = 4 fits each grid."""
     run, loads = tiny[0], []
     monkeypatch.setattr(fid, "load_inception", lambda *a: loads.append(a[:2]) or Pixels())
     runs = copy_run(shared.out, tmp_path, "lossless"), str(tmp_path / "jpeg")
@@ -952,12 +920,8 @@ def test_eval_scores_each_set_against_the_test_images(shared, tiny, tmp_path, mo
 
 # === pictures (train.py) =========================================================================
 def test_grids_say_what_they_show_and_the_heatmap_is_fig_6(tmp_path):
-    """A title above every grid; a recon grid names its rows (originals, then reconstructions,
-    alternating) in a 60-px margin; 32-px images at 2x (64 + 2 px a tile). The heatmap (Fig. 6-7):
-    latent r's E[sigma^2] in epoch c is the cell at (8 + c * w, 36 + r * 6), w = 600 // epochs,
-    rows sorted by the epoch each latent fell below 0.8 (then by the last value), coloured from
-    dark blue (0, active) through teal (0.5) to yellow (1, inactive); the colour scale marks
-    footnote 3's threshold 0.8 in red at 80% of its height from the bottom."""
+    """Titles, recon row names, 2x tiles. Heatmap (Fig. 6-7): latent r, epoch c at (8 + c * 600
+    // epochs, 36 + 6 r), rows by the epoch below 0.8, blue-teal-yellow; footnote 3's 0.8 red."""
     imgs = np.random.default_rng(0).integers(0, 256, (16, 32, 32, 3), np.uint8)
     for recon in (False, True):
         save_grid(imgs, tmp_path / "g.png", "GEN-1 samples", imgs[::-1] if recon else None)
@@ -984,8 +948,7 @@ def test_grids_say_what_they_show_and_the_heatmap_is_fig_6(tmp_path):
 
 # === data.py: CIFAR-10 ===========================================================================
 def cifar_image(k):
-    """Image k as (row, column, channel): every pixel differs from its transposed or
-    plane-swapped counterpart, so a wrong reshape cannot pass."""
+    """Image k (row, column, channel), unlike its transposed or plane-swapped self."""
     y, x, c = np.indices((32, 32, 3))
     return ((7 * k + 3 * y + 5 * x + 80 * c) % 256).astype(np.uint8)
 
@@ -996,8 +959,7 @@ TEST = np.stack([cifar_image(k) for k in range(10, 13)])
 
 
 def cifar_tarball(path, module="numpy._core", replace=None):
-    """An official-format tarball, numpy's module named as numpy 2 or the official files do; its
-    MD5. `replace` maps a batch name to another object to pickle."""
+    """An official-format tarball (numpy's module `module`) and its MD5; `replace`: batches."""
     members, k = {}, 0
     for name, n in COUNTS.items():
         # a b'data' row is the R plane, then G, then B, each row-major (the official format)
@@ -1038,11 +1000,8 @@ class FakeResponse(io.BytesIO):
                                              ("cut short", "numpy._core"),
                                              ("dropped", "numpy._core")])
 def test_cifar_pixels_exact_and_cached(tmp_path, monkeypatch, capsys, outcome, module):
-    """The official files' facts (paper 4.1, 4.2) that the fixtures replace with small ones:
-    CIFAR-10's URL and MD5, 50,000 / 10,000 images; CelebA's partition, 162,770 / 19,867 /
-    19,962 of 202,599 by sorted file index; the sizes known without any file. A download is
-    verified before use; the official format's pixels (numpy's module named as numpy 1 or 2
-    does) exact, and cached."""
+    """The official files' facts (paper 4.1, 4.2): CIFAR-10's URL, MD5 and sizes, CelebA's
+    partition; a download verified before use; the official format's pixels exact, cached."""
     assert data.CIFAR_MD5 == "c58f30108f718f92721af3b95e74349a"
     assert data.CIFAR_URL == "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
     assert data.CELEBA_SPLITS == {"train": (0, 162770), "valid": (162770, 182637),
@@ -1087,8 +1046,7 @@ def celeba_colours(k):
 
 
 def assert_celeba(x, ks):
-    """At 64x64 each quadrant is 32x32; pixels within 4 of the quadrant borders may blend, all
-    others (the outer rim included: any green there would mean a shifted crop) are exact."""
+    """Each 32x32 quadrant exact (the rim too: green means a shifted crop) but 4 px at borders."""
     assert x.shape == (len(ks), 64, 64, 3)
     far = np.ones(64, bool)
     far[28:36] = False
@@ -1099,8 +1057,7 @@ def assert_celeba(x, ks):
 
 
 def make_celeba(root, n=5):
-    """n 178x218 files 000001.jpg... (PNG inside), green but for the crop window's quadrants in
-    image k's colours; written scrambled, so the creation order is not the sorted one."""
+    """n 178x218 files 000001.jpg... (PNG), green but for the window's quadrants; scrambled."""
     for k in sorted(range(n), key=lambda k: (k * 3) % n):
         a = np.full((218, 178, 3), (0, 255, 0), np.uint8)
         for (r, c), colour in zip(QUADRANTS, celeba_colours(k)):
@@ -1112,9 +1069,8 @@ SMALL_CELEBA = {"train": (0, 3), "valid": (3, 4), "test": (4, 5)}  # splits of 5
 
 
 def test_celeba_crop_resize_and_split_by_sorted_index(tmp_path, monkeypatch):
-    """Paper 4.2: the 128x128 window (rows 45:173, columns 25:153) resized to 64x64, split by
-    sorted file index (the official partition); one cache per size and resize filter, which
-    serves without the files."""
+    """Paper 4.2: rows 45:173, columns 25:153 resized to 64x64, split by sorted file index; a
+    cache per size and filter serves without the files."""
     monkeypatch.setattr(data, "CELEBA_SPLITS", SMALL_CELEBA)
     make_celeba(tmp_path)
     for split, ks in {"train": [0, 1, 2], "valid": [3], "test": [4]}.items():
@@ -1168,8 +1124,7 @@ def cache_dirs(tmp_path):
 ])
 def test_folder_splits_are_train_and_test_or_every_10th(tmp_path, monkeypatch, rels, train,
                                                         test, modes):
-    """train/ and test/ if both exist (the rest left out), else every 10th file by sorted path is
-    a test image; counted undecoded; cached outside the folder, in a directory named by a key."""
+    """train/ and test/ if both exist, else every 10th by sorted path; counted undecoded; keyed."""
     root = tmp_path / "imgs"
     make_folder(root, rels)
     before = files_under(root)
@@ -1230,9 +1185,8 @@ def test_folder_cache_is_keyed_by_its_files_not_its_path(tmp_path, monkeypatch):
     ("nearest", Image.NEAREST, 255), ("bicubic", Image.BICUBIC, None),
     ("lanczos", Image.LANCZOS, None), ("hamming", Image.HAMMING, None)])
 def test_each_resize_mode_is_its_pil_filter_and_default_bilinear(tmp_path, mode, pil, interior):
-    """Fig. 3: the filter matters. Each mode is PIL's filter of that name (random pixels,
-    centre-cropped 40x30 -> 30x30, resized to 17), none given is bilinear; a 1-pixel
-    checkerboard halved: nearest keeps one phase (the jaggies), the filters average."""
+    """Fig. 3: each mode is PIL's filter of that name, none given bilinear; a checkerboard
+    halved: nearest keeps one phase (the jaggies), the filters average."""
     args = () if mode is None else (mode,)
     a = np.random.default_rng(1).integers(0, 256, (30, 40, 3), dtype=np.uint8)
     save_png(str(tmp_path / "random" / "0.png"), a)
@@ -1267,9 +1221,8 @@ def test_undecodable_image_is_named_and_no_cache_is_left(tmp_path):
 # === data.py: the JPEG round trip (CIFAR-10, CelebA, folders) ====================================
 @pytest.mark.parametrize("dataset", ["cifar10", "celeba", "folder"])
 def test_jpeg_round_trip_comes_after_crop_and_resize(tmp_path, monkeypatch, dataset):
-    """--jpeg q: the released preprocessing's imsave(.jpg) + imread (Pillow, 4:2:0; quality 75
-    there) of the final image, after CelebA's crop and resize or a folder's (a 40x30 file among
-    16x16 ones). Lossy; a cache per quality; lossless by default, and unchanged."""
+    """--jpeg q: the released preprocessing's imsave(.jpg) + imread (quality 75 there) after crop
+    and resize; lossy, a cache per quality; lossless by default."""
     root = tmp_path / "data"
     if dataset == "cifar10":
         monkeypatch.setattr(data, "CIFAR_MD5", cifar_tarball(root / "cifar-10-python.tar.gz"))
@@ -1304,8 +1257,7 @@ def test_jpeg_round_trip_comes_after_crop_and_resize(tmp_path, monkeypatch, data
 
 # === data.py: sizes and bad input ================================================================
 def test_default_sizes_are_the_papers_or_a_folders_first_images(tmp_path):
-    """The paper's sizes: CIFAR-10's 32, CelebA's 64; a folder's first image's side if it is a
-    square power of two >= 4, else 64; load_split takes it, and follows a new first image."""
+    """The paper's 32 and 64; a folder's first image's side if a square power of two, else 64."""
     assert data.choose_img_size("cifar10") == 32
     assert data.choose_img_size("celeba", "anywhere") == 64
     for w, h, side in ((32, 32, 32), (30, 30, 64), (32, 16, 64)):
@@ -1342,9 +1294,8 @@ def test_default_sizes_are_the_papers_or_a_folders_first_images(tmp_path):
     ("celeba", ("celeba", "train", "{tmp}"), "found 5 of CelebA's 202,599 images"),
 ])
 def test_bad_input_gives_clear_error(tmp_path, monkeypatch, setup, call, message):
-    """One line naming the problem, the path and what to do; nothing left behind (no cache, no
-    partial download, no file a tampered batch would write); a tarball put there by hand kept
-    (not ours to delete)."""
+    """One line: the problem, the path, what to do; nothing left behind; a tarball put there by
+    hand kept."""
     if setup == "one image":
         make_folder(tmp_path, ["0.png"])
     elif setup == "celeba":
@@ -1399,9 +1350,8 @@ def test_batches_cover_each_image_once_exactly(drop_last, sizes):
 
 
 def test_subset_and_batch_order_depend_only_on_the_seed(tmp_path):
-    """--limit's subset and each epoch's order are drawn from (seed, epoch) as documented, so
-    resumes agree; the subset, of 1000 'images' sorted by class (100 each, as a class-folder
-    tree lists them), is spread over the classes, kept in order, and checked."""
+    """--limit's subset and each epoch's order are drawn from (seed, epoch) as documented; the
+    subset of 1000 'images' sorted by class spreads over the classes, in order, and is checked."""
     images = np.arange(1000)[:, None]
     got = data.subset(images, 100, seed=3)[:, 0]
     expected = np.sort(np.random.default_rng(3).choice(1000, 100, replace=False))
@@ -1432,22 +1382,15 @@ def test_subset_and_batch_order_depend_only_on_the_seed(tmp_path):
     assert torch.equal(b.x, torch.from_numpy(IMAGES))
 
 
-def test_to_uint8_inverts_batches_and_rounds():
-    """Batches' inverse; generated pixels are rounded as the real images' files are quantised:
-    0.7 levels give 1 (truncation would give 0, darkening every image by half a level), 200.2
-    give 200."""
+def test_to_uint8_inverts_batches_rounds_and_saturates():
+    """Batches' inverse; rounded as the real images' files are quantised (0.7 levels give 1, 0.5
+    rounds to 128); outside [0, 1] saturated at 0 and 255, not wrapped modulo 256."""
     x = np.random.default_rng(0).integers(0, 256, (7, 5, 6, 3), dtype=np.uint8)
     (batch,) = data.Batches(x, 7, shuffle=False).epoch(0)
     np.testing.assert_array_equal(data.to_uint8(batch), x)
     x = torch.full((1, 3, 1, 2), 0.7 / 255)
     x[0, :, 0, 1] = 200.2 / 255
     assert data.to_uint8(x).tolist() == [[[[1, 1, 1], [200, 200, 200]]]]
-
-
-def test_to_uint8_saturates_instead_of_wrapping():
-    """Values outside [0, 1] (a rescaled sample, or round-off) saturate at 0 and 255 instead of
-    wrapping around modulo 256 (-0.5 would be 128, 1.7 would be 178): 1.0 is 255, and 0.5
-    (127.5 levels) rounds to 128, as the real images' files are quantised."""
     x = torch.tensor([-0.5, 1.7, 1.0, 0.5, -2.0, 3.0]).view(1, 1, 1, 6)
     assert data.to_uint8(x).ravel().tolist() == [0, 255, 255, 128, 0, 255]
 
@@ -1492,18 +1435,14 @@ def spd(rng, d, n=None):
 
 
 def root_tol(d, lmax):
-    """Bound on the error of a computed tr sqrtm(s1 s2), d x d, largest eigenvalue <= lmax: a
-    backward-stable eigensolver moves each eigenvalue by ~eps * lmax at most (Weyl), which moves
-    its root by at most sqrt(eps * lmax) (the worst case: an eigenvalue at 0, as the N < d
-    round-off ones are). It follows from the conditioning, not from one machine's round-off."""
+    """Error bound of tr sqrtm(s1 s2), d x d, eigenvalues <= lmax: each moves by ~eps lmax at
+    most (Weyl), its root by sqrt(eps lmax) at most (worst at 0, as N < d round-off ones are)."""
     return d * np.sqrt(np.finfo(np.float64).eps * lmax)
 
 
 def fid_of_features(x, y):
-    """The FID of two feature sets of n rows each in closed form, and a bound on |s1 s2|_2. With
-    centred features a, b the covariances are a'a / (n-1) and b'b / (n-1); the nonzero
-    eigenvalues of s1 s2 are the squared singular values of a b' / (n-1), so tr sqrtm(s1 s2) is
-    their sum: an n x n SVD, with no rank-deficient matrix and no round-off eigenvalues."""
+    """Closed-form FID of two n-row feature sets, and a bound on |s1 s2|_2: tr sqrtm(s1 s2) is
+    the sum of a b' / (n-1)'s singular values (a, b centred), no round-off eigenvalues."""
     n = len(x)
     a, b = x - x.mean(0), y - y.mean(0)
     tr_covmean = np.linalg.svd(a @ b.T / (n - 1), compute_uv=False).sum()
@@ -1525,9 +1464,8 @@ def _closed_form_cases():
                                  np.sum((np.sqrt(a) - np.sqrt(b)) ** 2) + dmu2),
         "FID(A, A) = 0": (mu1, s, mu1, s, 0.0),
         "equal singular covariances": (mu1, singular, mu2, singular, dmu2),
-        # an eigenvalue -1e-9 of the largest (float32-stored statistics reach ~1e-9) is
-        # round-off: its root counts as 0, in either covariance; by hand: traces 4 - 4e-9 and
-        # 2, tr sqrtm(s1 s2) = sqrt(4) + 0
+        # an eigenvalue -1e-9 of the largest (as float32-stored statistics) is round-off: its
+        # root counts as 0; by hand: traces 4 - 4e-9 and 2, tr sqrtm(s1 s2) = sqrt(4) + 0
         "round-off below 0 in s1": (zero, np.diag([4.0, -4e-9]), zero, np.eye(2), 2 - 4e-9),
         "round-off below 0 in s2": (zero, np.eye(2), zero, np.diag([4.0, -4e-9]), 2 - 4e-9),
     }
@@ -1544,9 +1482,8 @@ def test_frechet_distance_closed_forms(case):
 
 @pytest.mark.parametrize("n", [10, 200])  # singular (N < dimension) and full rank
 def test_frechet_distance_matches_sqrtm_and_is_symmetric(n):
-    """pytorch-fid's route (scipy's sqrtm of s1 s2) where it is valid. Two computations, each
-    within 2 root_tol of the true FID, differ by 4 root_tol at most: 3.6e-3 at n=10, where the
-    old eigvals route gave FID(a, b) - FID(b, a) = 1.5e-5 on AMD EPYC (and failed rel=1e-10)."""
+    """pytorch-fid's route (scipy's sqrtm of s1 s2) where valid; two computations, each within 2
+    root_tol of the true FID, differ by 4 root_tol at most (3.6e-3 at n=10)."""
     rng = np.random.default_rng(n)
     mu1, mu2, s1, s2 = rng.standard_normal(64), rng.standard_normal(64), spd(rng, 64, n), spd(
         rng, 64, n)
@@ -1559,10 +1496,8 @@ def test_frechet_distance_matches_sqrtm_and_is_symmetric(n):
 
 
 def test_frechet_distance_of_rank_deficient_inception_like_statistics():
-    """300 images per side, 2048 non-negative features whose scales spread log-uniformly over
-    1e-2..3e3, like Inception pool features. pytorch-fid 0.3.0 (scipy 1.17.1) refuses exactly
-    this input ("Imaginary component 0.142"), so the reference is fid_of_features' closed form.
-    The tolerance is fid.py's own (2 root_tol, ~356 here, on a FID of 1e8)."""
+    """300 x 2048 Inception-like features (scales 1e-2..3e3), which pytorch-fid 0.3.0 refuses
+    ("Imaginary component"): against fid_of_features, within 2 root_tol (~356 of 1e8)."""
     rng = np.random.default_rng(0)
     scale = np.exp(rng.uniform(np.log(1e-2), np.log(3e3), 2048))
     x, y = (np.abs(rng.standard_normal((300, 2048))) * scale for _ in range(2))
@@ -1576,9 +1511,8 @@ def test_frechet_distance_of_rank_deficient_inception_like_statistics():
 # === fid.py: Inception v3 and its weights ========================================================
 @pytest.fixture(scope="module")
 def testdata():
-    """testdata/: the features (inception_features.npz), their meta, and torchvision's
-    Inception3(aux_logits=True) names and shapes; read when a test needs them, not on import
-    (testdata/make_testdata.py imports fixture_state from this module to write the file)."""
+    """testdata/: inception_features.npz, its meta, and Inception3(aux_logits=True)'s names and
+    shapes; read when needed, not on import (make_testdata.py imports this module)."""
     root = pathlib.Path(fid.__file__).resolve().parent / "testdata"
     with np.load(root / "inception_features.npz") as f:
         ref = dict(f)
@@ -1623,18 +1557,10 @@ def weights(tmp_path_factory, testdata):
 
 @pytest.mark.parametrize("variant", ["torchvision", "tf"])
 def test_features_match_torchvision_and_pytorch_fid(weights, testdata, variant):
-    """Pool features of 3 random 32x32 images (default_rng(7)) under fixed random weights
-    (fixture_state(20200)), against torchvision's Inception3 and pytorch-fid's FID Inception (the
-    TF graph's port): testdata/inception_features.npz (4.8 KB) keeps features 0, 16, ..., 2032 of
-    each image and the sum and norm of all 2048. The script testdata/make_testdata.py regenerates
-    the file (how to run it is in the script).
-
-    Tolerance: float32 accumulation. Each convolution sums K <= 4032 products (3x3x448), rounding
-    at 2^-24 each: ~sqrt(K) 2^-24 ~ 4e-6 relative per layer, over ~20 layers on the longest path
-    ~1e-4 of the feature scale at worst; we allow 1e-4 x rms(features). Measured here (torch 2.13
-    CPU, 1 and 2 threads; our net folds batch norm and runs channels-last): at most 3.5e-6 x rms.
-    One-line changes fail it by far more: input in [0, 1] instead of [-1, 1], a resize to 298,
-    align_corners=True, any of the four TF pools reverted to torchvision's."""
+    """Pool features of 3 random 32x32 images under fixture_state(20200), against torchvision's
+    Inception3 and pytorch-fid's (the TF graph's port) in testdata/inception_features.npz.
+    Tolerance: float32 accumulation, ~sqrt(4032) 2^-24 per layer over ~20 layers: 1e-4 x rms
+    (measured: 3.5e-6 x rms); [0, 1] input, a resize to 298 or a torchvision pool fail it."""
     ref, meta, _ = testdata
     assert meta["seed"] == 20200 and meta["image_seed"] == 7
     net = meta_inception(variant).to_empty(device="cpu")
@@ -1659,9 +1585,8 @@ def test_features_match_torchvision_and_pytorch_fid(weights, testdata, variant):
 ])
 def test_weights_load_from_a_file_or_the_published_url(weights, testdata, tmp_path,
                                                        monkeypatch, variant, url, classes):
-    """Both files have torchvision's names and shapes (the manifest) and a 1000- or 1008-way
-    classifier, ignored but telling the variants apart. The download: the URL torchvision or
-    pytorch-fid publishes, hash-checked (its 8 hex digits), weights_only (no code run)."""
+    """Both files: torchvision's names and shapes, a 1000- or 1008-way classifier telling them
+    apart; the download: the published URL, hash-checked, weights_only."""
     manifest = testdata[2]
     want = {k: s for k, s in manifest.items() if not k.startswith(("AuxLogits.", "fc."))}
     assert len(want) == len(manifest) - 16
@@ -1716,9 +1641,8 @@ def damaged(change):
 ], ids=["text", "empty", "IndexError", "struct.error", "pickled module", "missing", "offline",
         "missing key", "stray key", "wrong shape"])
 def test_unusable_weights_are_refused_in_one_line(weights, tmp_path, write, start):
-    """torch.load's own message for a file of other objects advises "weights_only=False", which
-    would run the file's code: never passed on. Junk makes it raise anything (the one-byte files
-    an IndexError and a struct.error). Each message names the URL of the right file."""
+    """One line naming the right file's URL, never torch.load's advice of weights_only=False;
+    junk raises anything (one-byte files an IndexError, a struct.error)."""
     path = tmp_path / "w.pth" if write else None
     if write:
         write(path, weights[1])
@@ -1776,10 +1700,8 @@ def pixel_features(u8_nchw, offset=0.0):
 
 
 def test_statistics_are_float64_mean_over_images_and_covariance_over_n_minus_1(capsys):
-    """pytorch-fid's float64 mean and np.cov (N - 1). Features near 1000 with a spread of ~0.3:
-    float32 would be off by ~6e-5 in the mean, float64 by ~1e-13. Batches of 3, 3, 1: a mean of
-    batch means would differ. FID depends on N (the released code's 10,000): with fewer images
-    than features the covariance is singular, and a warning says so."""
+    """pytorch-fid's float64 mean (features ~1000, batches 3, 3, 1) and np.cov (N - 1). FID
+    depends on N (the released code's 10,000): N <= features warns of a singular covariance."""
     x = images(7, size=4, seed=3)
     mu, sigma = fid.feature_stats(Pixels(1000.0), x, batch_size=3, desc="FID real")
     assert "FID real 7/7 images" in capsys.readouterr().err  # progress, with the total
@@ -1802,10 +1724,8 @@ def test_statistics_are_float64_mean_over_images_and_covariance_over_n_minus_1(c
 
 @pytest.mark.parametrize("other", [("tf", 30), ("torchvision", 20)], ids=["variant", "n"])
 def test_real_statistics_cache_keeps_inception_variants_and_n_apart(tmp_path, other):
-    """FID depends on the network (the two weight files are different scales) and on N: after
-    the torchvision statistics of 30 images are cached, a tf score or one of 20 images computes
-    its own. Each set scored against itself then gives 0; the other's statistics would give 6
-    (tf features shifted by 1 in each of 6) or the distance of two samples' statistics."""
+    """FID depends on the network and on N: with torchvision's statistics of 30 images cached,
+    a tf score or one of 20 images computes its own, so each set against itself gives 0."""
     real = images(30, size=4)
     for variant, n in (("torchvision", 30), other):
         net = Pixels(float(variant == "tf"), variant)
@@ -1817,9 +1737,7 @@ def test_real_statistics_cache_keeps_inception_variants_and_n_apart(tmp_path, ot
 
 @pytest.mark.parametrize("before", [True, False])
 def test_features_are_computed_without_tf32_and_the_settings_restored(before):
-    """TF32 (cuDNN's default on recent GPUs) makes the features drift, so reference-grade FID
-    turns it off: the network's forward, during feature_stats, sees both switches off; after it,
-    after an error too, they are the caller's again."""
+    """The network sees both TF32 switches off; after feature_stats (an error too) the caller's."""
     flags, seen = (torch.backends.cudnn, torch.backends.cuda.matmul), []
 
     class Recording(Pixels):  # what the switches are while the network runs
@@ -1855,10 +1773,8 @@ def test_stats_cache_miss_computes_and_saves_then_hit_reads(tmp_path):
     second = fid.cached_stats(path, compute)  # hit: read back
     assert len(calls) == 1 and all(np.array_equal(a, b) for a, b in zip(first, second))
     assert files_under(tmp_path) == ["stats.npz"]
-    # np.savez fails at sigma after writing mu: no half-written file under the name, which the
-    # next run's cached_stats would load as the statistics
 
-    class Unwritable:
+    class Unwritable:  # np.savez fails at sigma after mu: no half-written file is left
         def __array__(self, *args, **kwargs):
             raise KeyboardInterrupt
     with pytest.raises(KeyboardInterrupt):
@@ -1881,8 +1797,7 @@ def write_folder(path, x, extra={}):
 
 
 def test_cli_computes_statistics_with_its_network_options(tmp_path, monkeypatch, capsys):
-    """--inception, --inception-weights and --device reach load_inception, --batch-size the
-    reads; a folder's statistics are saved (--save-stats) or compared, the FID printed."""
+    """Network flags reach load_inception, --batch-size the reads; statistics saved or compared."""
     x, y = images(5, size=4, seed=4), images(3, size=12, seed=2)
     folder, other = write_folder(tmp_path / "x", x), write_folder(tmp_path / "y", y)
     out, loads, net = tmp_path / "x.npz", [], Pixels()
@@ -1954,8 +1869,7 @@ def test_cli_errors(weights, tmp_path, capsys, setup, message):
 
 def test_cli_needs_two_inputs_or_save_stats_and_documents_every_argument(tmp_path, monkeypatch,
                                                                          capsys):
-    """Two pytorch-fid statistics files, no network: by hand |(1, 0)|^2 + (4 + 1) + 2 -
-    2 (sqrt(4 * 1) + sqrt(1 * 1)) = 2."""
+    """Two statistics files: by hand |(1, 0)|^2 + (4 + 1) + 2 - 2 (sqrt(4) + sqrt(1)) = 2."""
     np.savez(tmp_path / "a.npz", mu=np.array([1.0, 0.0]), sigma=np.diag([4.0, 1.0]))
     np.savez(tmp_path / "b.npz", mu=np.zeros(2), sigma=np.eye(2))
     assert fid.main([str(tmp_path / "a.npz"), str(tmp_path / "b.npz")]) == 0
@@ -1985,8 +1899,7 @@ def test_cli_needs_two_inputs_or_save_stats_and_documents_every_argument(tmp_pat
 # === speed: the fast paths compute what the plain one does; --bench ==============================
 @pytest.mark.parametrize("variant", ["channels_last", "compile"])
 def test_fast_step_equals_plain_step(variant):
-    """The speed settings must not change what is computed: four training steps of the same
-    network from the same state give the same losses and weights as a plain fp32 NCHW step."""
+    """Four fast training steps give a plain fp32 NCHW step's losses and weights."""
     import torch._inductor.config
     cfg = dict(kl_weight=1.0, l2=0.0)
     results = []
@@ -1994,9 +1907,8 @@ def test_fast_step_equals_plain_step(variant):
                           (torch.channels_last, variant == "compile")):
         torch.manual_seed(0)
         model = build(TINY_CFG, 1).to(memory_format=fmt)
-        # body.2 is a conv whose output feeds a batch norm, which removes its bias: the exact
-        # gradient of that bias is 0, Adam would scale the round-off left in its place up to
-        # +-lr, and the next batch norm's running mean would carry it; so it stays fixed here
+        # body.2's bias feeds a batch norm: its gradient is 0 but for round-off, which Adam
+        # would scale up to +-lr into the next running mean; so it stays fixed here
         for name, p in model.named_parameters():
             p.requires_grad_(not name.endswith("body.2.bias"))
         opt = train.make_optimizer(model, 1e-3, torch.device("cpu"))
@@ -2004,8 +1916,7 @@ def test_fast_step_equals_plain_step(variant):
         step = train.make_step(model, opt, cfg, args)
         x = torch.rand(10, 3, 16, 16, generator=torch.Generator().manual_seed(1))
         x = x.contiguous(memory_format=fmt)
-        # compiled code draws its own random numbers unless told to use eager's; with the same
-        # noise, the rest of the computation can be compared
+        # compiled code draws its own random numbers unless told to use eager's
         with torch._inductor.config.patch(fallback_random=True):
             results.append(([step(x)[0] for _ in range(4)], model.state_dict()))
     (plain, w_plain), (fast, w_fast) = results
@@ -2016,8 +1927,7 @@ def test_fast_step_equals_plain_step(variant):
 
 
 def test_bench_prints_rates_and_speed_up(capsys):
-    """The printed figures agree with each other: images/s = batch / (ms/step), and the speed-up
-    is the plain step's time over the configured one's."""
+    """images/s = batch / (ms/step); the speed-up is the plain step's time over the other's."""
     train.main([*TINY, "--bench", "--dataset", "folder"])
     out = capsys.readouterr().out
     rates = re.findall(r"batch 10, (.*): ([\d.]+) images/s, ([\d.]+) ms/step", out)
