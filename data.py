@@ -41,7 +41,7 @@ class DataError(Exception):
     """An expected failure (missing file, bad input), reported as one line without a traceback."""
 
 
-def progress(items, total, desc, unit="images", size=len, leave=True):
+def progress(items, total, desc, unit="images", count=len, leave=True):
     """Yield `items`, redrawing "desc done/total unit, rate, ETA" on stderr (<= 4/s); `leave` it."""
     start = last = time.time()
     done = width = 0  # width: the longest line drawn, which a shorter one must cover
@@ -49,16 +49,16 @@ def progress(items, total, desc, unit="images", size=len, leave=True):
         for item in itertools.chain(items, [progress]):  # `progress` itself marks the end
             if item is not progress:
                 yield item
-                done += size(item)
+                done += count(item)
             if not done:
                 continue
             if item is progress or time.time() - last >= 0.25:
                 last = time.time()
                 rate = done / max(last - start, 1e-9)
                 left = (total - done) / rate if total else 0
-                m, s = divmod(int(left), 60)
+                minutes, seconds = divmod(int(left), 60)
                 line = (f"{desc} {done:.0f}/{total or '?'} {unit}, "
-                        f"{rate:.0f} {unit}/s, ETA {m}:{s:02}")
+                        f"{rate:.0f} {unit}/s, ETA {minutes}:{seconds:02}")
                 width = max(width, len(line))
                 print(f"\r{line:<{width}}", end="", file=sys.stderr, flush=True)
     except Exception:  # met while the line is drawn (a corrupt image): its error on a new line
@@ -256,7 +256,7 @@ def load_split(dataset, split, data_dir="data", img_size=None, resize="bilinear"
         np.lib.format.write_array_header_1_0(f, header)
         with multiprocessing.Pool(os.cpu_count()) as pool:
             images = pool.imap(_decode, jobs, 64)
-            f.writelines(progress(images, len(src), f"{dataset} {split}", size=lambda _: 1))
+            f.writelines(progress(images, len(src), f"{dataset} {split}", count=lambda _: 1))
     atomic_write(cache, write)
     return np.load(cache, mmap_mode="r")
 
@@ -346,8 +346,8 @@ def save_grid(images, path, title, recon=None, texts=(), ncol=8, pad=2, top=20):
     images = images.repeat(k, 1).repeat(k, 2)
     n, h, w, _ = images.shape
     rows = -(-n // ncol)
-    size = (top + rows * (h + pad) + pad, left + ncol * (w + pad) + pad, 3)
-    grid = np.full(size, 255, np.uint8)
+    shape = (top + rows * (h + pad) + pad, left + ncol * (w + pad) + pad, 3)
+    grid = np.full(shape, 255, np.uint8)
     for i, img in enumerate(images):
         y = top + pad + i // ncol * (h + pad)
         x = left + pad + i % ncol * (w + pad)

@@ -230,8 +230,8 @@ def feature_stats(model, images, batch_size=200, desc="features", total=None):
 def frechet_distance(mu1, sigma1, mu2, sigma2):
     """|mu1 - mu2|^2 + tr(s1) + tr(s2) - 2 tr(sqrtm(s1 s2)) in float64 (Heusel et al. 2017)."""
     mu1, mu2, s1, s2 = (np.asarray(a, np.float64) for a in (mu1, mu2, sigma1, sigma2))
-    d = mu1.shape
-    if mu2.shape != d or s1.shape != d * 2 or s2.shape != d * 2:
+    shape = mu1.shape
+    if mu2.shape != shape or s1.shape != shape * 2 or s2.shape != shape * 2:
         raise DataError(
             f"statistics of different sizes: mu {mu1.shape} and {mu2.shape}, sigma "
             f"{s1.shape} and {s2.shape}; compute both sides with the same Inception")

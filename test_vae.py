@@ -1404,7 +1404,7 @@ def test_progress_draws_the_final_count_then_ends_or_wipes_the_line(capsys, monk
     assert m and (m[2] == "\n") == leave and (leave or len(m[3]) >= len(m[1]))
     clock = iter(np.arange(0, 100, 0.1))  # each call to time.time() advances 0.1 s
     monkeypatch.setattr(data.time, "time", lambda: next(clock))
-    list(data.progress(range(20), 20, "x", size=lambda _: 1, leave=leave))
+    list(data.progress(range(20), 20, "x", count=lambda _: 1, leave=leave))
     draws, wipe = capsys.readouterr().err.count("\r"), 0 if leave else 2  # "\r" spaces "\r"
     assert 2 + wipe <= draws <= 1 + 20 * 2 * 0.1 / 0.25 + wipe  # the end's, + 1 per 0.25 s
     assert list(data.progress([], 0, "x")) == [] and capsys.readouterr().err == ""

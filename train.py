@@ -82,9 +82,9 @@ def make_step(model, opt, cfg, args):
         if graphs:  # the last step's graph outputs are reused
             torch.compiler.cudagraph_mark_step_begin()
         with amp:
-            out = net(x)
+            outputs = net(x)
         # eq. 7 summed over the pixels, + k * eq. 3, at the current gamma
-        loss, mse, kl = model.loss(x, out, cfg["kl_weight"])
+        loss, mse, kl = model.loss(x, outputs, cfg["kl_weight"])
         if cfg["l2"]:
             loss = loss + cfg["l2"] * model.l2_penalty()
         opt.zero_grad(set_to_none=True)
@@ -93,7 +93,7 @@ def make_step(model, opt, cfg, args):
         # after the step: the next batch sees the new gamma
         model.gamma.update(mse.detach())
         # mu, log sigma copied: a CUDA graph's outputs are overwritten by its next replay
-        codes = (o.detach().float().clone() for o in out[1:])
+        codes = (o.detach().float().clone() for o in outputs[1:])
         return torch.stack([loss, mse, kl]).detach(), *codes
     return step
 
@@ -149,9 +149,9 @@ def train(args):
         write_pictures(history, m1, m2, grid, args.out, cfg["seed"], grids)
 
 
-def load(cfg, split):
-    """A split of the run's data, decoded as its settings say."""
-    return data.load_split(cfg["dataset"], split, cfg["data_dir"], cfg["img_size"],
+def load(cfg, which):
+    """A split of the run's data ("train" or "test"), decoded as its settings say."""
+    return data.load_split(cfg["dataset"], which, cfg["data_dir"], cfg["img_size"],
                            cfg["resize"], cfg["jpeg"])
 
 
@@ -187,8 +187,8 @@ def run_epoch(model, opt, step, cfg, stage, epoch, batches, todo):
     t0 = time.time()
     model.train()
     # kept on the device: read once, at the end
-    rec = [step(x) for x in data.progress(batches, todo, desc, leave=False)]
-    losses, mu, logsd = zip(*rec)
+    outputs = [step(x) for x in data.progress(batches, todo, desc, leave=False)]
+    losses, mu, logsd = zip(*outputs)
     loss, mse, kl = torch.stack(losses).mean(0).tolist()
     stats, e_var = vae.latent_summary(torch.cat(mu), torch.cat(logsd))  # eq. 6, footnote 3
     seconds = time.time() - t0
@@ -309,24 +309,24 @@ def reconstruct(m1, test, g, dev):
     """REC as the released code: a sampled z = mu + sigma * eps decoded (uint8), the mse, and
     mu, log sigma of every test image."""
     batches = data.Batches(test, 500, dev, shuffle=False, drop_last=False)
-    rec, sse = [], 0
+    outputs, sse = [], 0
     for x in data.progress(batches.epoch(0), len(test), "REC"):
         r, mu, logsd = vae.reconstruct(m1, x, g)
         sse = sse + (x - r).square().sum()  # on the device; read once below
-        rec.append((data.to_uint8(r), mu, logsd))
-    images, mu, logsd = zip(*rec)
+        outputs.append((data.to_uint8(r), mu, logsd))
+    images, mu, logsd = zip(*outputs)
     mse = sse.item() / test.size
     return np.concatenate(images), mse, torch.cat(mu), torch.cat(logsd)
 
 
 def protocol(cfg, drawn):
     """The words that name what the real images are, for fid.score's cache."""
-    words = [cfg["dataset"], "test", cfg["resize"], f"{cfg['img_size']}px"]
+    parts = [cfg["dataset"], "test", cfg["resize"], f"{cfg['img_size']}px"]
     if cfg["jpeg"]:
-        words.append(f"jpeg{cfg['jpeg']}")
+        parts.append(f"jpeg{cfg['jpeg']}")
     if drawn:
-        words.append(f"seed{cfg['seed']}")
-    return words
+        parts.append(f"seed{cfg['seed']}")
+    return parts
 
 
 def eval_pictures(out, test, sets, res):
@@ -494,7 +494,8 @@ def parse_args(argv):
     # the settings: a flag left out is None, so it never contradicts a checkpoint
     a("--dataset", choices=data.DATASETS, help="cifar10 (default), celeba, folder (any images)")
     a("--img-size", type=int, help="image side: 32 (cifar10), 64 (celeba), a folder's own")
-    a("--resize", choices=tuple(data.RESIZE_MODES), help="PIL filter, Fig. 3 (default bilinear)")
+    a("--resize", choices=tuple(data.RESIZE_MODES),
+      help="PIL filter, Fig. 3 (default bilinear)")
     a("--jpeg", type=int, help="a JPEG round trip at this quality, as the reference's 75")
     a("--limit", type=int, help="train on N training images drawn at random from --seed")
     a("--seed", type=int, help="random seed (0)")
@@ -503,7 +504,8 @@ def parse_args(argv):
     a("--fc-dim", type=int, help="width of the encoder's fc scale block (512)")
     a("--num-scale", type=int, help="encoder scales: log2(side) - 2")
     a("--second-dim", type=int, help="stage-2 width: 2048 for sides <= 32, else 4096")
-    a("--gamma", choices=tuple(vae.GAMMAS), help="computed (paper) or learned; stage 2: stage 1's")
+    a("--gamma", choices=tuple(vae.GAMMAS),
+      help="computed (the paper) or learned (Dai & Wipf); stage 2: stage 1's")
     a("--lr", type=float, help="initial Adam learning rate: 1e-4 (cifar10), 5e-5 (celeba)")
     a("--halve-every", type=int, help="halve the lr every N epochs: 200/100, 60/120 (celeba)")
     a("--batch-size", type=int, help="minibatch size (paper 4: 100)")
@@ -579,9 +581,9 @@ def bench(args, warmup=3, steps=10):
     runs = [("plain fp32 NCHW step", torch.contiguous_format, plain),
             (f"amp {args.amp}, compile {args.compile}", torch.channels_last, args)]
     dts = []
-    for name, fmt, a in runs:
+    for name, fmt, how in runs:
         model = vae.build(cfg, stage, dev).to(memory_format=fmt)
-        step = make_step(model, make_optimizer(model, cfg["lr"], dev), cfg, a)
+        step = make_step(model, make_optimizer(model, cfg["lr"], dev), cfg, how)
         if stage == 1:
             x = x.contiguous(memory_format=fmt)
         for n in (warmup, steps):  # the second round timed, queued GPU work included
