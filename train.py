@@ -111,6 +111,7 @@ def lr_at(cfg, epoch):
 
 # --- Training (section 4): stage 1 on images, stage 2 on stage-1 latents ----------------------
 def train(args):
+    """Set up (settings, network, Adam, batches), then each epoch: run it, save it, draw it."""
     cfg, cks, source = configure(args)
     stage, dev = args.stage, args.device
     torch.manual_seed(cfg["seed"])
