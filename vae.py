@@ -43,7 +43,7 @@ def kl_divergence(mu, logsd):
 def vae_loss(x, x_hat, mu, logsd, gamma, kl_weight=1.0):
     """(loss, mse, kl) in float32: loss the batch mean of eq. 7 summed over the D pixels x channels
     plus kl_weight * eq. 3; mse the mean over all values (what gamma^2 tracks); kl eq. 3's mean."""
-    x = x.float()  # autocast's bf16 outputs: the loss in float32
+    x = x.float()  # the loss in float32, whatever autocast made the outputs
     D = x[0].numel()
     sse = (x - x_hat.float()).square().flatten(1).sum(1)
     # eq. 7 summed over D: sum (x - x_hat)^2 / (2 gamma^2) + D log gamma + D log(2 pi) / 2
