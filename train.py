@@ -497,7 +497,7 @@ def parse_args(argv):
     a("--img-size", type=int, help="image side: 32 (cifar10), 64 (celeba), a folder's own")
     a("--resize", choices=tuple(data.RESIZE_MODES),
       help="PIL filter, Fig. 3 (default bilinear)")
-    a("--jpeg", type=int, help="a JPEG round trip at this quality, as the reference's 75")
+    a("--jpeg", type=int, help="a JPEG round trip at this quality (reference: 75; default none)")
     a("--limit", type=int, help="train on N training images drawn at random from --seed")
     a("--seed", type=int, help="random seed (0)")
     a("--latent-dim", type=int, help="latent variables (paper 4.1: 64)")
