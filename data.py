@@ -204,8 +204,8 @@ def _decode(job):
     if not isinstance(src, np.ndarray):
         im = read_image(src)
         w, h = im.size
-        s = min(w, h)
-        box = box or ((w - s) // 2, (h - s) // 2, (w + s) // 2, (h + s) // 2)
+        side = min(w, h)  # the centred square
+        box = box or ((w - side) // 2, (h - side) // 2, (w + side) // 2, (h + side) // 2)
         im = im.crop(box).resize((size, size), RESIZE_MODES[resize])
         src = np.asarray(im)
     if jpeg:  # as the reference's imsave(.jpg) and imread: Pillow's defaults, 4:2:0 chroma
