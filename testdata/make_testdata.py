@@ -1,53 +1,29 @@
-"""Makes testdata/inception_features.npz and
-testdata/inception_manifest.json.
+"""Makes testdata/inception_features.npz and testdata/inception_manifest.json.
 
-What they hold:
-- inception_features.npz: the 2048 pool
-  features of 3 random 32x32 images under
-  fixed random Inception v3 weights, as
-  torchvision's Inception3 and pytorch-fid's
-  FID Inception compute them (features 0, 16,
-  ..., 2032 of each image, and the sum and
-  norm of all 2048), and a JSON `meta`.
-- inception_manifest.json: the names and
-  shapes of torchvision's Inception3
-  (aux_logits=True) state dict.
+- inception_features.npz: the 2048 pool features of 3 random 32x32 images under fixed random
+  Inception v3 weights, as torchvision's Inception3 and pytorch-fid's FID Inception compute them
+  (features 0, 16, ..., 2032 of each image, and the sum and norm of all 2048), and a JSON `meta`.
+- inception_manifest.json: the names and shapes of torchvision's Inception3 (aux_logits=True)
+  state dict.
 
-Why: fid.py writes Inception v3 in plain
-PyTorch, without torchvision or pytorch-fid.
-These files are references computed
-independently of it, by those two packages:
-test_vae.py compares fid.py's features with
-them (test_features_match_torchvision_and_
-pytorch_fid) and its weight names and shapes
-(test_state_dict_matches_torchvision_manifest).
-No pretrained weights are downloaded: the
-weights are test_vae.fixture_state(20200),
-imported from there, so that the tests and
+Why: fid.py writes Inception v3 in plain PyTorch, without torchvision or pytorch-fid; these files
+are references computed by those two packages, independently of it. test_vae.py compares fid.py's
+features with them (test_features_match_torchvision_and_pytorch_fid) and its weight names and
+shapes (test_weights_load_from_a_file_or_the_published_url). No pretrained weights are
+downloaded: the weights are test_vae.fixture_state(20200), imported from there, so the tests and
 this script draw them from one source.
 
-How to run, in a virtual environment of its
-own (the project needs neither torchvision
-nor pytorch-fid):
+Run it from the repository root, in a virtual environment of its own (the project needs neither
+torchvision nor pytorch-fid):
 
     python3 -m venv /work/tvenv
-    /work/tvenv/bin/pip install torch==2.14.1 \\
-        torchvision==0.29.1 scipy pillow numpy pytest
-    /work/tvenv/bin/pip install --no-deps \\
-        pytorch-fid==0.3.0
+    /work/tvenv/bin/pip install torch==2.14.1 torchvision==0.29.1 scipy pillow numpy pytest
+    /work/tvenv/bin/pip install --no-deps pytorch-fid==0.3.0
     /work/tvenv/bin/python testdata/make_testdata.py
 
-from the repository root. It overwrites both
-files in testdata/; --out DIR writes them to
-DIR instead. test_vae.py reads both files
-when it is imported, so they must exist
-(`git checkout testdata/`) for a rerun.
-
-Reproducible: on a 2-core AVX512 Xeon (2 to
-8 threads) it rewrites both files byte for
-byte. With OMP_NUM_THREADS=1 the float32
-round-off differs: features move by up to
-3% of the test's tolerance (1e-4 x rms).
+It overwrites both files in testdata/ (--out DIR writes them to DIR instead). On a 2-core AVX512
+Xeon with 2 to 8 threads it rewrites both byte for byte; with OMP_NUM_THREADS=1 the float32
+round-off differs, moving features by up to 3% of the test's tolerance (1e-4 x rms).
 """
 import argparse
 import json
