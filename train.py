@@ -292,7 +292,7 @@ def evaluate(args):
     eval_pictures(args.out, test, sets, res)
     text = json.dumps(res, indent=1).encode()
     data.atomic_write(os.path.join(args.out, "eval.json"), lambda f: f.write(text))
-    print_row(res, len(e_var), args.latent_norm)
+    print_row(res, len(e_var))
     return res
 
 
@@ -342,13 +342,13 @@ def eval_pictures(out, test, sets, res):
                        f"GEN-2 samples, {e1}, stage 2 epoch {res['epochs2']}")
 
 
-def print_row(res, latents, latent_norm):
+def print_row(res, latents):
     """The table row (Tables 1-4): FIDs, mse, the variance law and inactive latents, by the
     paper's E[sigma^2] and by the released code's E[sigma]."""
     fids = [f"{res[k]:6.1f}" if res[k] is not None else "     -"
             for k in ("rec_fid", "gen1_fid", "gen2_fid")]
     how = res["inception"] or "skipped"
-    if latent_norm:
+    if res["latent_norm"]:
         how += ", latent norm"
     print(f"  epochs    REC  GEN-1  GEN-2     mse  var.law  inactive   (n={res['n']}, FID: {how})")
     print(f"{res['epochs']:>8} {' '.join(fids)} {res['mse']:7.4f} {res['var_law']:8.3f} "
