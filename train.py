@@ -15,6 +15,8 @@ Deviations from the paper and the released code:
   two differ until about 1,000 steps (README).
 - CelebA l2: the paper (4.2) keeps l2 on the resampling kernels; the released code defines
   0.001 * sum(w^2) but never adds it to its loss. We add it.
+- On CUDA the convolutions run in TF32 (PyTorch's default; TF1, the reference's, has no TF32):
+  faster; its effect on Table 1 is not measured. fid.py turns it off.
 - Evaluation: the paper's protocol, not the released adjust=True (which rescales the
   reconstructions' pixel std, GEN-1 latents by sqrt(variance law), GEN-2 latents per batch).
 """
